@@ -1,0 +1,91 @@
+package fuseoverlayfs
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/containerd/errdefs"
+)
+
+// Config is the configuration shared by the built-in plugin and the gRPC
+// proxy server. Its TOML keys are the ones users write under
+// [plugins.'io.containerd.snapshotter.v1.fuse-overlayfs'].
+type Config struct {
+	// RootPath is where snapshots and metadata are kept. Empty means the
+	// default chosen by the caller (containerd's plugin root directory).
+	RootPath string `toml:"root_path"`
+	// SyncRemove deletes a snapshot's directory inside Remove instead of
+	// leaving it to Cleanup.
+	SyncRemove bool `toml:"sync_remove"`
+	// MountOptions are extra fuse-overlayfs options added to every overlay
+	// mount, e.g. "noacl" or "static_nlink".
+	MountOptions []string `toml:"mount_options"`
+}
+
+// Validate checks the configuration and returns an errdefs.ErrInvalidArgument
+// error naming the offending value.
+func (c *Config) Validate() error {
+	return ValidateMountOptions(c.MountOptions)
+}
+
+// Opts turns the configuration into snapshotter options.
+func (c *Config) Opts() []Opt {
+	var opts []Opt
+	if !c.SyncRemove {
+		opts = append(opts, AsynchronousRemove)
+	}
+	if len(c.MountOptions) > 0 {
+		opts = append(opts, WithMountOptions(c.MountOptions))
+	}
+	return opts
+}
+
+// reservedOptions are set by the snapshotter itself; letting a user set them
+// would point a mount at another snapshot's data or fake an ID mapping.
+var reservedOptions = map[string]bool{
+	"lowerdir":   true,
+	"upperdir":   true,
+	"workdir":    true,
+	"uidmapping": true,
+	"gidmapping": true,
+}
+
+// ValidateMountOptions checks extra fuse-overlayfs options: each must be a
+// single option (no ',' that would smuggle in more), with a non-empty key made
+// of letters, digits, '_' and '-', no control characters or spaces, and not
+// one the snapshotter sets itself.
+func ValidateMountOptions(options []string) error {
+	for _, o := range options {
+		if err := validateMountOption(o); err != nil {
+			return fmt.Errorf("mount option %q: %s: %w", o, err.Error(), errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+func validateMountOption(o string) error {
+	if o == "" {
+		return fmt.Errorf("empty option")
+	}
+	for _, c := range o {
+		switch {
+		case c == ',':
+			return fmt.Errorf("',' separates options; give each option as its own list item")
+		case c < 0x20 || c == 0x7f || c == ' ':
+			return fmt.Errorf("contains a space or control character")
+		}
+	}
+	key, _, _ := strings.Cut(o, "=")
+	if key == "" {
+		return fmt.Errorf("option has no name before '='")
+	}
+	for _, c := range key {
+		if (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (c < '0' || c > '9') && c != '_' && c != '-' {
+			return fmt.Errorf("option name %q has character %q", key, c)
+		}
+	}
+	if reservedOptions[key] {
+		return fmt.Errorf("%s is set by the snapshotter and cannot be configured", key)
+	}
+	return nil
+}

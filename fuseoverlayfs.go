@@ -1,0 +1,400 @@
+// Package fuseoverlayfs is a containerd snapshotter that keeps each layer as a
+// plain directory and hands out overlay mounts served by the fuse-overlayfs
+// program, for hosts where the kernel's overlayfs cannot be used (rootless
+// containerd on older kernels, nested containers, unusual backing
+// filesystems).
+//
+// The package holds no plugin registration; import the plugin subpackage to
+// build it into containerd.
+package fuseoverlayfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+)
+
+// SnapshotterConfig holds what the options set.
+type SnapshotterConfig struct {
+	asyncRemove  bool
+	mountOptions []string
+}
+
+// Opt configures the snapshotter.
+type Opt func(*SnapshotterConfig) error
+
+// AsynchronousRemove makes Remove drop only the metadata; the directory is
+// deleted by the next Cleanup.
+func AsynchronousRemove(c *SnapshotterConfig) error {
+	c.asyncRemove = true
+	return nil
+}
+
+// WithMountOptions adds fuse-overlayfs options to every overlay mount (not to
+// bind mounts). The options are validated with ValidateMountOptions.
+func WithMountOptions(options []string) Opt {
+	return func(c *SnapshotterConfig) error {
+		if err := ValidateMountOptions(options); err != nil {
+			return err
+		}
+		c.mountOptions = append(c.mountOptions, options...)
+		return nil
+	}
+}
+
+type snapshotter struct {
+	root        layout
+	ms          *storage.MetaStore
+	asyncRemove bool
+	options     []string
+}
+
+// Compile-time proof of the interfaces containerd looks for.
+var (
+	_ snapshots.Snapshotter = (*snapshotter)(nil)
+	_ snapshots.Cleaner     = (*snapshotter)(nil)
+)
+
+// NewSnapshotter opens (or creates) a snapshotter rooted at root. The returned
+// value also implements snapshots.Cleaner. It does not run the host checks;
+// call Supported for that.
+func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
+	var config SnapshotterConfig
+	for _, opt := range opts {
+		if err := opt(&config); err != nil {
+			return nil, err
+		}
+	}
+	if err := validateRoot(root); err != nil {
+		return nil, err
+	}
+	l := layout(root)
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("create snapshotter root: %w", err)
+	}
+	// The root holds every layer of every image: nobody but its owner
+	// should be able to look in, whatever mode it was created with.
+	if err := os.Chmod(root, 0o700); err != nil {
+		return nil, fmt.Errorf("set mode of snapshotter root %s: %w", root, err)
+	}
+	dtype, err := fs.SupportsDType(root)
+	if err != nil {
+		return nil, fmt.Errorf("check d_type support of %s: %w", root, err)
+	}
+	if !dtype {
+		return nil, fmt.Errorf("%s does not support d_type (an xfs formatted without ftype=1?): %w", root, errdefs.ErrNotImplemented)
+	}
+	for _, dir := range []string{l.snapshotsDir(), l.emptyDir()} {
+		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	ms, err := storage.NewMetaStore(string(l) + "/metadata.db")
+	if err != nil {
+		return nil, fmt.Errorf("open metadata store: %w", err)
+	}
+	return &snapshotter{root: l, ms: ms, asyncRemove: config.asyncRemove, options: config.mountOptions}, nil
+}
+
+// validateRoot refuses roots whose path would break fuse-overlayfs' option
+// string: ',' separates options and ':' separates lower directories.
+func validateRoot(root string) error {
+	if root == "" {
+		return fmt.Errorf("snapshotter root is empty: %w", errdefs.ErrInvalidArgument)
+	}
+	if i := strings.IndexAny(root, ",:=\x00"); i >= 0 {
+		return fmt.Errorf("snapshotter root %q contains %q, which fuse-overlayfs options cannot carry: %w", root, root[i], errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// maxKeyLen keeps keys well inside bbolt's key size limit (32 KiB).
+const maxKeyLen = 4096
+
+func validateKey(what, key string) error {
+	switch {
+	case key == "":
+		return fmt.Errorf("%s is empty: %w", what, errdefs.ErrInvalidArgument)
+	case len(key) > maxKeyLen:
+		return fmt.Errorf("%s is %d bytes long, at most %d are allowed: %w", what, len(key), maxKeyLen, errdefs.ErrInvalidArgument)
+	case strings.ContainsRune(key, 0):
+		return fmt.Errorf("%s %q contains a NUL byte: %w", what, key, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Stat returns the info of a snapshot.
+func (o *snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+	err = o.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	return info, err
+}
+
+// Update changes a snapshot's labels. ID-mapping labels are checked as at
+// Prepare, so a snapshot never carries one that its mounts could not use.
+func (o *snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (newInfo snapshots.Info, err error) {
+	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		newInfo, err = storage.UpdateInfo(ctx, info, fieldpaths...)
+		if err != nil {
+			return err
+		}
+		_, err = idMapOptions(newInfo.Labels)
+		return err
+	})
+	return newInfo, err
+}
+
+// Usage returns the space taken by a snapshot's own layer: recorded at commit
+// for committed snapshots, measured now for active ones.
+func (o *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	var (
+		id    string
+		info  snapshots.Info
+		usage snapshots.Usage
+	)
+	if err := o.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
+		id, info, usage, err = storage.GetInfo(ctx, key)
+		return err
+	}); err != nil {
+		return snapshots.Usage{}, err
+	}
+	if info.Kind == snapshots.KindActive {
+		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
+		if err != nil {
+			return snapshots.Usage{}, fmt.Errorf("measure usage of %q: %w", key, err)
+		}
+		usage = snapshots.Usage(du)
+	}
+	return usage, nil
+}
+
+// Prepare creates an active snapshot on parent and returns its mounts.
+func (o *snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return o.create(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of parent and returns its mounts.
+func (o *snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return o.create(ctx, snapshots.KindView, key, parent, opts)
+}
+
+// Mounts returns the mounts of an active snapshot or view, the same as
+// Prepare or View returned.
+func (o *snapshotter) Mounts(ctx context.Context, key string) (m []mount.Mount, err error) {
+	err = o.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		s, err := storage.GetSnapshot(ctx, key)
+		if err != nil {
+			return fmt.Errorf("get snapshot %q: %w", key, err)
+		}
+		_, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return fmt.Errorf("get info of snapshot %q: %w", key, err)
+		}
+		m, err = buildMounts(o.root, s, info.Labels, o.options)
+		return err
+	})
+	return m, err
+}
+
+// Commit turns the active snapshot key into the committed snapshot name and
+// records its usage. A parent given with snapshots.WithParent rebases a
+// snapshot prepared without parent onto it (containerd's parallel unpack).
+func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if err := validateKey("snapshot name", name); err != nil {
+		return err
+	}
+	return o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		id, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return err
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
+		if err != nil {
+			return fmt.Errorf("measure usage of %q: %w", key, err)
+		}
+		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
+			return fmt.Errorf("commit snapshot %q as %q: %w", key, name, err)
+		}
+		return nil
+	})
+}
+
+// Remove deletes a snapshot. With AsynchronousRemove only the metadata goes
+// now and Cleanup frees the directory later.
+func (o *snapshotter) Remove(ctx context.Context, key string) error {
+	var id string
+	if err := o.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		id, _, err = storage.Remove(ctx, key)
+		if err != nil {
+			return fmt.Errorf("remove snapshot %q: %w", key, err)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	if !o.asyncRemove {
+		// The metadata is gone for good; a directory that fails to go now is
+		// one Cleanup will find, so this is not the caller's error.
+		if err := os.RemoveAll(o.root.snapshotDir(id)); err != nil {
+			log.G(ctx).WithError(err).WithField("path", o.root.snapshotDir(id)).Warn("failed to remove snapshot directory; Cleanup will retry")
+		}
+	}
+	return nil
+}
+
+// Walk calls fn for every snapshot that matches the filters.
+func (o *snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	return o.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, fn, filters...)
+	})
+}
+
+// Cleanup removes every snapshot directory that the metadata store does not
+// know: those of asynchronously removed snapshots and the leftovers of
+// interrupted creates.
+func (o *snapshotter) Cleanup(ctx context.Context) error {
+	var dirs []string
+	// A write transaction keeps creates out while the directory is read, so
+	// a create's temporary directory is never mistaken for an orphan.
+	if err := o.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
+		dirs, err = o.orphans(ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+	var errs []error
+	for _, dir := range dirs {
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
+	ids, err := storage.IDMap(ctx)
+	if err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(o.root.snapshotsDir())
+	if err != nil {
+		return nil, err
+	}
+	var dirs []string
+	for _, e := range entries {
+		if _, ok := ids[e.Name()]; !ok {
+			dirs = append(dirs, o.root.snapshotDir(e.Name()))
+		}
+	}
+	return dirs, nil
+}
+
+// Close releases the metadata store.
+func (o *snapshotter) Close() error {
+	return o.ms.Close()
+}
+
+func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (m []mount.Mount, err error) {
+	if err := validateKey("snapshot key", key); err != nil {
+		return nil, err
+	}
+	// tmp is the directory being built; placed is where it went once
+	// renamed. Should the transaction still fail, both must go: the store
+	// will hand the same ID out again.
+	var tmp, placed string
+	defer func() {
+		for _, dir := range []string{tmp, placed} {
+			if dir == "" || (dir == placed && err == nil) {
+				continue
+			}
+			if rerr := os.RemoveAll(dir); rerr != nil {
+				log.G(ctx).WithError(rerr).WithField("path", dir).Warn("failed to remove unfinished snapshot directory; Cleanup will retry")
+			}
+		}
+	}()
+	err = o.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		dir, err := o.newSnapshotDir(kind)
+		tmp = dir
+		if err != nil {
+			return err
+		}
+		s, err := storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+		if err != nil {
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		_, info, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return fmt.Errorf("get info of snapshot %q: %w", key, err)
+		}
+		// Building the mounts here checks the ID-mapping labels before
+		// anything is stored.
+		m, err = buildMounts(o.root, s, info.Labels, o.options)
+		if err != nil {
+			return err
+		}
+		if len(s.ParentIDs) > 0 {
+			if err := copyOwner(o.root.fsPath(s.ParentIDs[0]), tmp+"/fs"); err != nil {
+				return err
+			}
+		}
+		if err := os.Rename(tmp, o.root.snapshotDir(s.ID)); err != nil {
+			return fmt.Errorf("move snapshot directory into place: %w", err)
+		}
+		tmp, placed = "", o.root.snapshotDir(s.ID)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// newSnapshotDir makes a temporary directory holding fs (and work for an
+// active snapshot); it is renamed into place only once the snapshot exists.
+func (o *snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
+	tmp, err := os.MkdirTemp(o.root.snapshotsDir(), "new-")
+	if err != nil {
+		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
+	}
+	if err := os.Mkdir(tmp+"/fs", 0o755); err != nil {
+		return tmp, err
+	}
+	if kind == snapshots.KindActive {
+		if err := os.Mkdir(tmp+"/work", 0o700); err != nil {
+			return tmp, err
+		}
+	}
+	return tmp, nil
+}
+
+// copyOwner gives dst the owner of src, so a container's root directory keeps
+// the owner its image gave it.
+func copyOwner(src, dst string) error {
+	st, err := os.Stat(src)
+	if err != nil {
+		return fmt.Errorf("stat parent layer: %w", err)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("stat parent layer %s: no ownership information", src)
+	}
+	if err := os.Lchown(dst, int(sys.Uid), int(sys.Gid)); err != nil {
+		return fmt.Errorf("set owner of new layer: %w", err)
+	}
+	return nil
+}

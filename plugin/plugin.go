@@ -1,0 +1,60 @@
+// Package plugin registers the fuse-overlayfs snapshotter as a containerd
+// plugin. Blank-import it into a containerd build:
+//
+//	import _ "github.com/fosnap/fuseoverlayfs/plugin"
+package plugin
+
+import (
+	"fmt"
+
+	"github.com/containerd/containerd/v2/plugins"
+	"github.com/containerd/log"
+	"github.com/containerd/platforms"
+	"github.com/containerd/plugin"
+	"github.com/containerd/plugin/registry"
+
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+)
+
+// ID is the snapshotter's name, as in `ctr --snapshotter fuse-overlayfs`.
+const ID = "fuse-overlayfs"
+
+// capRemapIDs tells containerd that the snapshotter maps IDs itself (through
+// fuse-overlayfs' uidmapping/gidmapping), so it must not chown layers.
+const capRemapIDs = "remap-ids"
+
+func init() {
+	registry.Register(&plugin.Registration{
+		Type:   plugins.SnapshotPlugin,
+		ID:     ID,
+		Config: &fuseoverlayfs.Config{},
+		InitFn: initSnapshotter,
+	})
+}
+
+func initSnapshotter(ic *plugin.InitContext) (any, error) {
+	config, ok := ic.Config.(*fuseoverlayfs.Config)
+	if !ok {
+		return nil, fmt.Errorf("fuse-overlayfs snapshotter: config has type %T, want *fuseoverlayfs.Config", ic.Config)
+	}
+	if err := config.Validate(); err != nil {
+		return nil, fmt.Errorf("fuse-overlayfs snapshotter: invalid configuration: %w", err)
+	}
+	root := ic.Properties[plugins.PropertyRootDir]
+	if config.RootPath != "" {
+		root = config.RootPath
+	}
+	info, err := fuseoverlayfs.Check(root)
+	if err != nil {
+		// Skipping keeps containerd running without this snapshotter;
+		// `ctr plugins ls -d` shows the reason.
+		return nil, fmt.Errorf("%w: %w", plugin.ErrSkipPlugin, err)
+	}
+	log.G(ic.Context).WithField("fuse-overlayfs", info.FuseOverlayfs).WithField("version", info.Version).WithField("root", root).Info("fuse-overlayfs snapshotter ready")
+
+	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
+	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
+	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
+	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs)
+	return fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
+}
