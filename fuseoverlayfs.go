@@ -103,7 +103,12 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metadata store: %w", err)
 	}
-	return &snapshotter{root: l, ms: ms, asyncRemove: config.asyncRemove, options: config.mountOptions}, nil
+	o := &snapshotter{root: l, ms: ms, asyncRemove: config.asyncRemove, options: config.mountOptions}
+	if err := o.recoverRoot(context.Background()); err != nil {
+		_ = ms.Close()
+		return nil, fmt.Errorf("recover snapshotter root %s: %w", root, err)
+	}
+	return o, nil
 }
 
 // validateRoot refuses roots whose path would break fuse-overlayfs' option
@@ -250,7 +255,7 @@ func (o *snapshotter) Remove(ctx context.Context, key string) error {
 	if !o.asyncRemove {
 		// The metadata is gone for good; a directory that fails to go now is
 		// one Cleanup will find, so this is not the caller's error.
-		if err := os.RemoveAll(o.root.snapshotDir(id)); err != nil {
+		if err := removeAll(o.root.snapshotDir(id)); err != nil {
 			log.G(ctx).WithError(err).WithField("path", o.root.snapshotDir(id)).Warn("failed to remove snapshot directory; Cleanup will retry")
 		}
 	}
@@ -260,6 +265,11 @@ func (o *snapshotter) Remove(ctx context.Context, key string) error {
 // Walk calls fn for every snapshot that matches the filters.
 func (o *snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
 	return o.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		// A store that never held a snapshot has no buckets yet; walking it
+		// finds nothing rather than failing.
+		if _, err := storage.IDMap(ctx); errors.Is(err, errdefs.ErrNotFound) {
+			return nil
+		}
 		return storage.WalkInfo(ctx, fn, filters...)
 	})
 }
@@ -279,7 +289,7 @@ func (o *snapshotter) Cleanup(ctx context.Context) error {
 	}
 	var errs []error
 	for _, dir := range dirs {
-		if err := os.RemoveAll(dir); err != nil {
+		if err := removeAll(dir); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -288,6 +298,10 @@ func (o *snapshotter) Cleanup(ctx context.Context) error {
 
 func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 	ids, err := storage.IDMap(ctx)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		// No snapshot was ever stored: every directory is an orphan.
+		ids, err = nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
