@@ -117,7 +117,7 @@ func validateRoot(root string) error {
 	if root == "" {
 		return fmt.Errorf("snapshotter root is empty: %w", errdefs.ErrInvalidArgument)
 	}
-	if i := strings.IndexAny(root, ",:=\x00"); i >= 0 {
+	if i := strings.IndexAny(root, ",:\x00"); i >= 0 {
 		return fmt.Errorf("snapshotter root %q contains %q, which fuse-overlayfs options cannot carry: %w", root, root[i], errdefs.ErrInvalidArgument)
 	}
 	return nil
@@ -227,6 +227,21 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 		if info.Kind != snapshots.KindActive {
 			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		// containerd's store would link a snapshot committed onto its own
+		// name as its own parent: a cycle every later walk of the chain
+		// would loop on.
+		var base snapshots.Info
+		for _, opt := range opts {
+			if err := opt(&base); err != nil {
+				return err
+			}
+		}
+		if base.Parent != "" && (base.Parent == name || base.Parent == key) {
+			if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
+				return fmt.Errorf("commit %q as %q: %w", key, name, errdefs.ErrAlreadyExists)
+			}
+			return fmt.Errorf("commit %q as %q onto %q: a snapshot cannot be its own parent: %w", key, name, base.Parent, errdefs.ErrInvalidArgument)
 		}
 		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
 		if err != nil {

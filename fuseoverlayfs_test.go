@@ -399,6 +399,12 @@ func TestRebaseOnCommit(t *testing.T) {
 	if info, err := sn.Stat(ctx, "layer-a"); err != nil || info.Kind != snapshots.KindActive {
 		t.Fatalf("active snapshot lost after refused commit: %+v %v", info, err)
 	}
+	// Found by TestModel: containerd's store would make these their own parent.
+	for _, p := range []string{"layer", "layer-a"} {
+		if err := sn.Commit(ctx, "layer", "layer-a", snapshots.WithParent(p)); !errdefs.IsInvalidArgument(err) {
+			t.Fatalf("commit onto itself (%s): got %v", p, err)
+		}
+	}
 	if err := sn.Commit(ctx, "layer", "layer-a", snapshots.WithParent("base")); err != nil {
 		t.Fatal(err)
 	}
