@@ -12,7 +12,7 @@ GOLANGCI_LINT := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 # Debian packages: command that proves it is there -> package.
 APT_DEPS := fuse-overlayfs:fuse-overlayfs mount.fuse3:fuse3 runc:runc
 
-.PHONY: all deps vet unit test lint fmt
+.PHONY: all deps vet unit fuzz test lint fmt
 
 all: vet unit
 
@@ -34,7 +34,18 @@ vet:
 unit:
 	$(GO) test -count=1 ./ ./plugin/... ./internal/...
 
-test: deps vet unit
+# Each fuzz target runs for a short time; FUZZ_TIME=5m for a longer hunt.
+FUZZ_TIME ?= 10s
+FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "fuzz: $$fn in $$pkg for $(FUZZ_TIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZ_TIME) $$pkg; \
+	done
+
+test: deps vet unit fuzz
 
 $(GOLANGCI_LINT):
 	@mkdir -p $(TOOLS)
