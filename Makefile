@@ -12,7 +12,7 @@ GOLANGCI_LINT := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 # Debian packages: command that proves it is there -> package.
 APT_DEPS := fuse-overlayfs:fuse-overlayfs mount.fuse3:fuse3 runc:runc
 
-.PHONY: all deps vet unit fuzz test lint fmt
+.PHONY: all deps vet unit fuzz test lint fmt binaries integration demo FORCE
 
 all: vet unit
 
@@ -32,11 +32,11 @@ vet:
 # Library and plugin tests, containerd's snapshotter suite included (root and
 # FUSE needed; in CI a missing prerequisite fails the run).
 unit:
-	$(GO) test -count=1 ./ ./plugin/... ./internal/...
+	$(GO) test -count=1 ./ ./plugin/... ./internal/... ./differ/... ./cmd/containerd-fuse-overlayfs-grpc/...
 
 # Each fuzz target runs for a short time; FUZZ_TIME=5m for a longer hunt.
 FUZZ_TIME ?= 10s
-FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions
+FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions ./internal/layer:FuzzApplyContained
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
@@ -45,7 +45,7 @@ fuzz:
 	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZ_TIME) $$pkg; \
 	done
 
-test: deps vet unit fuzz
+test: deps vet unit fuzz integration
 
 $(GOLANGCI_LINT):
 	@mkdir -p $(TOOLS)
@@ -57,3 +57,85 @@ lint: $(GOLANGCI_LINT)
 
 fmt:
 	gofmt -l -w $$(git ls-files '*.go')
+
+# ---------------------------------------------------------------------------
+# containerd with the plugin, pinned clients, end-to-end tests and the demo.
+
+# The end-to-end tests and the demo also need the registry (CNCF distribution).
+APT_DEPS += docker-registry:docker-registry
+
+BIN                := $(CURDIR)/bin
+GO_BUILD_TAGS      := no_btrfs no_devmapper no_zfs
+CONTAINERD_VERSION := v2.4.2
+NERDCTL_VERSION    := v2.3.1
+CRICTL_VERSION     := v1.37.0
+E2E_TIMEOUT        ?= 30m
+
+BINARIES := $(BIN)/containerd $(BIN)/ctr $(BIN)/containerd-shim-runc-v2 \
+            $(BIN)/containerd-stock $(BIN)/nerdctl $(BIN)/crictl \
+            $(BIN)/containerd-fuse-overlayfs-grpc
+
+# Everything the end-to-end tests run, in bin/. Pinned tools are built once
+# per version (a stamp file names it); our containerd is always handed to
+# `go build`, which does nothing when no source changed.
+binaries: $(BINARIES)
+
+$(BIN)/containerd: FORCE
+	@mkdir -p $(BIN)
+	$(GO) build -tags "$(GO_BUILD_TAGS)" -o $@ ./cmd/containerd
+
+# Version stamps: a new version makes the stamp newer than the binaries.
+$(BIN)/.containerd-$(CONTAINERD_VERSION) $(BIN)/.nerdctl-$(NERDCTL_VERSION) $(BIN)/.crictl-$(CRICTL_VERSION):
+	@mkdir -p $(BIN)
+	@rm -f $(BIN)/$(firstword $(subst -, ,$(notdir $@)))-v*
+	@touch $@
+
+$(BIN)/ctr: $(BIN)/.containerd-$(CONTAINERD_VERSION)
+	GOBIN=$(BIN) $(GO) install github.com/containerd/containerd/v2/cmd/ctr@$(CONTAINERD_VERSION)
+
+$(BIN)/containerd-shim-runc-v2: $(BIN)/.containerd-$(CONTAINERD_VERSION)
+	GOBIN=$(BIN) $(GO) install github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$(CONTAINERD_VERSION)
+
+# containerd's own daemon, without our plugin, for comparisons.
+$(BIN)/containerd-stock: $(BIN)/.containerd-$(CONTAINERD_VERSION)
+	@mkdir -p $(BIN)/.stock
+	GOBIN=$(BIN)/.stock $(GO) install -tags "$(GO_BUILD_TAGS)" github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD_VERSION)
+	mv $(BIN)/.stock/containerd $@
+
+# The snapshotter served over containerd's snapshots gRPC API, for a
+# containerd without the plugin (a proxy plugin; rootless tests, README).
+$(BIN)/containerd-fuse-overlayfs-grpc: FORCE
+	@mkdir -p $(BIN)
+	$(GO) build -o $@ ./cmd/containerd-fuse-overlayfs-grpc
+
+# The rootless tests run under RootlessKit (they install these themselves
+# when missing; `make deps` does it up front).
+APT_DEPS += rootlesskit:rootlesskit newuidmap:uidmap slirp4netns:slirp4netns
+
+# nerdctl cannot be `go install`ed (its go.mod has a replace directive):
+# tools/nerdctl pins it and explains why.
+$(BIN)/nerdctl: $(BIN)/.nerdctl-$(NERDCTL_VERSION) tools/nerdctl/go.mod tools/nerdctl/go.sum
+	cd tools/nerdctl && $(GO) build -o $@ github.com/containerd/nerdctl/v2/cmd/nerdctl
+
+$(BIN)/crictl: $(BIN)/.crictl-$(CRICTL_VERSION)
+	GOBIN=$(BIN) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+
+# End-to-end tests: each starts its own containerd from bin/ with
+# config/containerd.toml, a docker-registry on 127.0.0.1, runc and
+# fuse-overlayfs. As root; with CI=true a missing prerequisite fails them.
+integration: binaries
+	$(GO) test -count=1 -timeout $(E2E_TIMEOUT) -v ./integration/
+
+# The main job: one command on a fresh machine (as root).
+demo: deps binaries
+	$(GO) run ./integration/cmd/demo
+
+# Unpack benchmark (issue 4): pull+unpack of a ~250 MB, 12,500-file image from
+# the local registry, fast path sequential/parallel, through FUSE, overlayfs,
+# native; alternating runs, medians and ratios. As root.
+# The containerd roots go on tmpfs (BENCH_DIR), as for the reference figures.
+BENCH_REPS ?= 5
+BENCH_DIR  ?= /dev/shm
+.PHONY: bench-unpack
+bench-unpack: deps binaries
+	$(GO) run ./integration/cmd/benchunpack -reps $(BENCH_REPS) -dir $(BENCH_DIR)

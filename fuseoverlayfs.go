@@ -243,6 +243,9 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			}
 			return fmt.Errorf("commit %q as %q onto %q: a snapshot cannot be its own parent: %w", key, name, base.Parent, errdefs.ErrInvalidArgument)
 		}
+		if err := o.finishUnpack(ctx, id, key, name, info, opts); err != nil {
+			return err
+		}
 		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
 		if err != nil {
 			return fmt.Errorf("measure usage of %q: %w", key, err)
@@ -250,6 +253,7 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
 			return fmt.Errorf("commit snapshot %q as %q: %w", key, name, err)
 		}
+		o.unpackFinished(ctx, id)
 		return nil
 	})
 }

@@ -7,6 +7,7 @@ package plugin
 import (
 	"fmt"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/plugins"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
@@ -55,6 +56,6 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
-	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs)
+	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs, snapshots.RebaseCap)
 	return fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
 }

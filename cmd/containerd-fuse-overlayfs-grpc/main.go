@@ -1,0 +1,397 @@
+// Command containerd-fuse-overlayfs-grpc serves the fuse-overlayfs snapshotter
+// over containerd's snapshots gRPC API on a unix socket, for a containerd that
+// does not have the plugin built in. containerd reaches it as a proxy plugin:
+//
+//	[proxy_plugins."fuse-overlayfs"]
+//	  type = "snapshot"
+//	  address = "/run/user/1000/containerd-fuse-overlayfs/grpc.sock"
+//	  capabilities = ["remap-ids"]
+//
+// Usage:
+//
+//	containerd-fuse-overlayfs-grpc [flags] <socket> <root>
+//
+// The root may be left out when the configuration file sets root_path. The
+// configuration file takes the keys of the built-in plugin's section
+// (root_path, sync_remove, mount_options) at its top level.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/pelletier/go-toml/v2"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+)
+
+const name = "containerd-fuse-overlayfs-grpc"
+
+// version is set at build time (-ldflags "-X main.version=..."); otherwise
+// the module version from the build information is printed.
+var version = ""
+
+// shutdownGrace is how long in-flight requests may take after SIGTERM
+// before their connections are closed.
+const shutdownGrace = 10 * time.Second
+
+// Exit codes: 2 for a bad command line or configuration, 1 for anything
+// that fails at run time (host checks included).
+const (
+	exitFailure = 1
+	exitUsage   = 2
+)
+
+type options struct {
+	socket, root string
+	configPath   string
+	logLevel     string
+	version      bool
+}
+
+// usageError is a mistake in the command line or the configuration file.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	o, err := parseArgs(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--log-level LEVEL] <socket> <root>\n", name, err, name)
+		return exitUsage
+	}
+	if o.version {
+		printVersion(stdout)
+		return 0
+	}
+	cfg, err := resolve(&o)
+	if err != nil {
+		_, _ = fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return exitUsage
+	}
+	log.L.Logger.SetOutput(stderr)
+	if err := serve(context.Background(), o, cfg); err != nil {
+		_, _ = fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return exitFailure
+	}
+	return 0
+}
+
+// parseArgs accepts flags before, between and after the two positional
+// arguments, so that both `grpc SOCKET ROOT --config F` and
+// `grpc --config F SOCKET ROOT` work.
+func parseArgs(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: trace, debug, info, warn, error, fatal or panic")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	fs.Usage = func() {
+		_, _ = fmt.Fprintf(fs.Output(), "usage: %s [flags] <socket> <root>\n\nServes the fuse-overlayfs snapshotter over containerd's snapshots gRPC API on <socket>,\nkeeping snapshots under <root> (optional when the config file sets root_path).\n\nflags:\n", name)
+		fs.PrintDefaults()
+	}
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return o, err
+			}
+			return o, usageError{err}
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		positional = append(positional, args[0])
+		args = args[1:]
+	}
+	if o.version {
+		return o, nil
+	}
+	switch len(positional) {
+	case 1:
+		o.socket = positional[0]
+	case 2:
+		o.socket, o.root = positional[0], positional[1]
+	case 0:
+		return o, usageError{errors.New("the socket path is missing")}
+	default:
+		return o, usageError{fmt.Errorf("too many arguments: %q (want <socket> <root>)", positional)}
+	}
+	if o.socket == "" {
+		return o, usageError{errors.New("the socket path is empty")}
+	}
+	if err := log.SetLevel(o.logLevel); err != nil {
+		return o, usageError{fmt.Errorf("--log-level %q: %w", o.logLevel, err)}
+	}
+	return o, nil
+}
+
+// resolve reads the configuration file, settles the root and makes both
+// paths absolute: fuse-overlayfs mount options must carry absolute paths,
+// since containerd mounts them from its own working directory.
+func resolve(o *options) (fuseoverlayfs.Config, error) {
+	var cfg fuseoverlayfs.Config
+	if o.configPath != "" {
+		var err error
+		if cfg, err = loadConfig(o.configPath); err != nil {
+			return cfg, err
+		}
+	}
+	switch {
+	case o.root == "" && cfg.RootPath == "":
+		return cfg, usageError{fmt.Errorf("the snapshotter root is missing: give it as the second argument or as root_path in the config file: %w", errdefs.ErrInvalidArgument)}
+	case o.root == "":
+		o.root = cfg.RootPath
+	case cfg.RootPath != "" && filepath.Clean(cfg.RootPath) != filepath.Clean(o.root):
+		return cfg, usageError{fmt.Errorf("the root argument %q and root_path %q in %s differ: give one of them: %w", o.root, cfg.RootPath, o.configPath, errdefs.ErrInvalidArgument)}
+	}
+	for _, p := range []*string{&o.root, &o.socket} {
+		abs, err := filepath.Abs(*p)
+		if err != nil {
+			return cfg, err
+		}
+		*p = abs
+	}
+	cfg.RootPath = o.root
+	return cfg, nil
+}
+
+// loadConfig decodes a configuration file strictly: an unknown key (a typo
+// would otherwise be ignored silently) or a value of the wrong type is an
+// error naming the key.
+func loadConfig(path string) (fuseoverlayfs.Config, error) {
+	var cfg fuseoverlayfs.Config
+	f, err := os.Open(path)
+	if err != nil {
+		return cfg, usageError{fmt.Errorf("config file: %w", err)}
+	}
+	defer func() { _ = f.Close() }()
+	dec := toml.NewDecoder(f).DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		var strict *toml.StrictMissingError
+		var decErr *toml.DecodeError
+		switch {
+		case errors.As(err, &strict):
+			var keys []string
+			for _, e := range strict.Errors {
+				keys = append(keys, strings.Join(e.Key(), "."))
+			}
+			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options)", strings.Join(keys, ", "))
+		case errors.As(err, &decErr):
+			row, col := decErr.Position()
+			key := strings.Join(decErr.Key(), ".")
+			if key != "" {
+				key = " key " + key + ":"
+			}
+			err = fmt.Errorf("line %d column %d:%s %w", row, col, key, decErr)
+		}
+		return cfg, usageError{fmt.Errorf("config file %s: %w: %w", path, err, errdefs.ErrInvalidArgument)}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, usageError{fmt.Errorf("config file %s: %w", path, err)}
+	}
+	return cfg, nil
+}
+
+func printVersion(w io.Writer) {
+	v, containerd := version, "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if v == "" {
+			v = bi.Main.Version
+		}
+		for _, d := range bi.Deps {
+			if d.Path == "github.com/containerd/containerd/v2" {
+				containerd = d.Version
+			}
+		}
+	}
+	if v == "" {
+		v = "(devel)"
+	}
+	_, _ = fmt.Fprintf(w, "%s %s\ncontainerd %s\n%s\n", name, v, containerd, runtime.Version())
+}
+
+func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error) {
+	// Caught from the start: a signal during the host check's probe mount
+	// must not kill the process before it unmounts. It is acted on once
+	// serving.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	// The same checks, with the same messages, as the built-in plugin.
+	info, err := fuseoverlayfs.Check(o.root)
+	if err != nil {
+		return err
+	}
+	if err := checkRootFree(o.root); err != nil {
+		return err
+	}
+	sn, err := fuseoverlayfs.NewSnapshotter(o.root, cfg.Opts()...)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := sn.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close the metadata store: %w", cerr)
+		}
+	}()
+	// The metadata store opens lazily; opening it now takes its lock, so
+	// a second server on this root fails here instead of hanging later.
+	if err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil }); err != nil {
+		return fmt.Errorf("open the metadata store in %s: %w", o.root, err)
+	}
+
+	l, err := listen(o.socket)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+
+	log.G(ctx).WithFields(log.Fields{
+		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version,
+	}).Info("serving the fuse-overlayfs snapshotter")
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.G(ctx).WithError(err).Warn("cannot tell systemd that the service is ready")
+	}
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve on %s: %w", o.socket, err)
+	case sig := <-sigs:
+		log.G(ctx).WithField("signal", sig).Info("stopping")
+	}
+	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	stopped := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(shutdownGrace):
+		log.G(ctx).Warnf("requests still running after %s: closing their connections", shutdownGrace)
+		srv.Stop()
+		<-stopped
+	}
+	// Serve returns nil after (Graceful)Stop; the listener is closed and,
+	// having been created by Listen, its socket file removed.
+	if err := <-served; err != nil {
+		return fmt.Errorf("serve on %s: %w", o.socket, err)
+	}
+	return nil
+}
+
+// checkRootFree refuses a root whose metadata store another process (a
+// second server, or a containerd with the built-in plugin) holds open:
+// bbolt would wait for its lock forever.
+func checkRootFree(root string) error {
+	f, err := os.OpenFile(filepath.Join(root, "metadata.db"), os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open %s: %w", filepath.Join(root, "metadata.db"), err)
+	}
+	defer func() { _ = f.Close() }()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("snapshotter root %s is in use by another process (its metadata.db is locked): %w", root, errdefs.ErrUnavailable)
+		}
+		return fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	return unix.Flock(int(f.Fd()), unix.LOCK_UN)
+}
+
+// listen creates the socket with mode 0600 in a directory of mode 0700,
+// replacing a stale socket left by a server that died, but never one that
+// a live server answers on, nor a file that is not a socket.
+func listen(path string) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create the socket directory: %w", err)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, err
+	}
+	if perm := st.Mode().Perm(); perm != 0o700 {
+		return nil, fmt.Errorf("socket directory %s has mode %04o, want 0700 so that only its owner can reach the socket: put the socket in a directory of its own (it is created with mode 0700), e.g. $XDG_RUNTIME_DIR/containerd-fuse-overlayfs/grpc.sock: %w", dir, perm, errdefs.ErrInvalidArgument)
+	}
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	// The umask makes the socket 0600 from the moment it exists; the
+	// chmod below only guards against an odd umask semantics elsewhere.
+	old := unix.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = l.Close()
+		return nil, fmt.Errorf("set the mode of %s: %w", path, err)
+	}
+	return l, nil
+}
+
+func removeStale(path string) error {
+	st, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if st.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket (mode %v): not removing it: %w", path, st.Mode(), errdefs.ErrAlreadyExists)
+	}
+	c, err := net.DialTimeout("unix", path, 2*time.Second)
+	if err == nil {
+		_ = c.Close()
+		return fmt.Errorf("another server is listening on %s: %w", path, errdefs.ErrAlreadyExists)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("cannot tell whether the socket %s is in use: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove the stale socket %s: %w", path, err)
+	}
+	log.L.WithField("socket", path).Info("removed a stale socket")
+	return nil
+}

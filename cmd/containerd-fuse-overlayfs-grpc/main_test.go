@@ -1,0 +1,746 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+)
+
+// runMainEnv makes the test binary behave as the command, so that the tests
+// run the real program (signals, exit codes, sockets) without a separate
+// build.
+const runMainEnv = "FUSE_OVERLAYFS_GRPC_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// server is the command started as a child process.
+type server struct {
+	t    testing.TB
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+	err  error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// start runs the command with args and extra environment variables.
+func start(t testing.TB, env []string, args ...string) *server {
+	t.Helper()
+	s, err := startServer(env, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.t = t
+	t.Cleanup(func() {
+		if s.kill() {
+			t.Errorf("server (pid %d) was still running at the end of the test; killed it", s.cmd.Process.Pid)
+		}
+	})
+	return s
+}
+
+func startServer(env []string, args ...string) (*server, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	s := &server{out: &syncBuffer{}, done: make(chan struct{})}
+	s.cmd = exec.Command(self, args...)
+	s.cmd.Env = append(append(os.Environ(), runMainEnv+"=1"), env...)
+	s.cmd.Stdout = s.out
+	s.cmd.Stderr = s.out
+	if err := s.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() {
+		s.err = s.cmd.Wait()
+		close(s.done)
+	}()
+	return s, nil
+}
+
+// kill ends a server still running, by its PID, and reports whether it had
+// to.
+func (s *server) kill() bool {
+	select {
+	case <-s.done:
+		return false
+	default:
+		_ = s.cmd.Process.Kill()
+		<-s.done
+		return true
+	}
+}
+
+// exitCode waits (up to 30 s) for the process and returns its exit code.
+func (s *server) exitCode() int {
+	s.t.Helper()
+	code, err := s.wait()
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return code
+}
+
+func (s *server) wait() (int, error) {
+	select {
+	case <-s.done:
+	case <-time.After(30 * time.Second):
+		s.kill()
+		return -1, fmt.Errorf("server (pid %d) did not exit within 30s; output:\n%s", s.cmd.Process.Pid, s.out)
+	}
+	var exit *exec.ExitError
+	if errors.As(s.err, &exit) {
+		return exit.ExitCode(), nil
+	}
+	return 0, s.err
+}
+
+// runCommand runs the command to completion and returns its exit code and
+// output.
+func runCommand(t testing.TB, env []string, args ...string) (int, string) {
+	t.Helper()
+	s := start(t, env, args...)
+	code := s.exitCode()
+	return code, s.out.String()
+}
+
+// waitServing polls until the socket answers a gRPC call.
+func (s *server) waitServing(socket string) snapshots.Snapshotter {
+	s.t.Helper()
+	sn, conn, err := s.serving(socket)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.t.Cleanup(func() { _ = conn.Close() })
+	return sn
+}
+
+func (s *server) serving(socket string) (snapshots.Snapshotter, *grpc.ClientConn, error) {
+	// Wait for the socket to accept connections first: a gRPC client that
+	// finds no socket backs off for a second before its next try.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := net.Dial("unix", socket)
+		if err == nil {
+			_ = c.Close()
+			break
+		}
+		select {
+		case <-s.done:
+			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.err, s.out)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return nil, nil, fmt.Errorf("nothing listens on %s: %w\n%s", socket, err, s.out)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, err
+	}
+	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "fuse-overlayfs")
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	for {
+		select {
+		case <-s.done:
+			_ = conn.Close()
+			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.err, s.out)
+		default:
+		}
+		err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil })
+		if err == nil {
+			return sn, conn, nil
+		}
+		if time.Now().After(deadline) {
+			_ = conn.Close()
+			return nil, nil, fmt.Errorf("server does not answer on %s: %w\n%s", socket, err, s.out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// shortDir returns a fresh directory with a short path: a unix socket path
+// must fit in 108 bytes, which t.TempDir() paths may not.
+func shortDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fog")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
+
+func TestParseArgs(t *testing.T) {
+	for _, tc := range []struct {
+		args         []string
+		socket, root string
+		config       string
+		version      bool
+		err          string
+	}{
+		{args: []string{"/run/s.sock", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r"},
+		{args: []string{"--config", "c.toml", "/run/s.sock", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r", config: "c.toml"},
+		{args: []string{"/run/s.sock", "/var/lib/r", "--config=c.toml", "--log-level", "debug"}, socket: "/run/s.sock", root: "/var/lib/r", config: "c.toml"},
+		{args: []string{"/run/s.sock", "--log-level=warn", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r"},
+		{args: []string{"--config", "c.toml", "/run/s.sock"}, socket: "/run/s.sock", config: "c.toml"},
+		{args: []string{"--version"}, version: true},
+		{args: nil, err: "socket path is missing"},
+		{args: []string{""}, err: "socket path is empty"},
+		{args: []string{"a", "b", "c"}, err: "too many arguments"},
+		{args: []string{"--bogus", "a", "b"}, err: "flag provided but not defined: -bogus"},
+		{args: []string{"--log-level", "loud", "a", "b"}, err: `--log-level "loud"`},
+		{args: []string{"a", "b", "--config"}, err: "flag needs an argument"},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			o, err := parseArgs(tc.args, io.Discard)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				var u usageError
+				if !errors.As(err, &u) {
+					t.Errorf("error %v is not a usage error", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.socket != tc.socket || o.root != tc.root || o.configPath != tc.config || o.version != tc.version {
+				t.Errorf("got %+v, want socket %q root %q config %q version %v", o, tc.socket, tc.root, tc.config, tc.version)
+			}
+		})
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name, toml string
+		want       fuseoverlayfs.Config
+		err        string
+	}{
+		{name: "empty", toml: ""},
+		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\n",
+			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}},
+		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
+		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
+		{name: "wrong type", toml: "sync_remove = 'yes'\n", err: "key sync_remove"},
+		{name: "list wanted", toml: "mount_options = 'noacl'\n", err: "key mount_options"},
+		{name: "bad option", toml: "mount_options = ['noacl,upperdir=/etc']\n", err: `mount option "noacl,upperdir=/etc"`},
+		{name: "reserved option", toml: "mount_options = ['lowerdir=/']\n", err: "lowerdir is set by the snapshotter"},
+		{name: "not toml", toml: "sync_remove = \n", err: "line 1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "_")+".toml")
+			if err := os.WriteFile(path, []byte(tc.toml), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := loadConfig(path)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) || !strings.Contains(err.Error(), path) {
+					t.Fatalf("error %v, want one naming %s and containing %q", err, path, tc.err)
+				}
+				if !errdefs.IsInvalidArgument(err) {
+					t.Errorf("error %v is not invalid argument", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(cfg) != fmt.Sprint(tc.want) {
+				t.Errorf("got %+v, want %+v", cfg, tc.want)
+			}
+		})
+	}
+	if _, err := loadConfig(filepath.Join(dir, "missing.toml")); err == nil || !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file: error %v, want not-exist", err)
+	}
+}
+
+func TestResolveRoot(t *testing.T) {
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "c.toml")
+	if err := os.WriteFile(cfgPath, []byte("root_path = '/from/config'\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name       string
+		o          options
+		root, err  string
+		socketAbs  bool
+		wantConfig bool
+	}{
+		{name: "argument", o: options{socket: "s.sock", root: "/r"}, root: "/r"},
+		{name: "relative root made absolute", o: options{socket: "/s.sock", root: "rel"}, root: filepath.Join(mustGetwd(t), "rel")},
+		{name: "from config", o: options{socket: "/s.sock", configPath: cfgPath}, root: "/from/config"},
+		{name: "same in both", o: options{socket: "/s.sock", root: "/from/config/", configPath: cfgPath}, root: "/from/config"},
+		{name: "differ", o: options{socket: "/s.sock", root: "/other", configPath: cfgPath}, err: "differ"},
+		{name: "none", o: options{socket: "/s.sock"}, err: "root is missing"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.o
+			cfg, err := resolve(&o)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				if !errdefs.IsInvalidArgument(err) {
+					t.Errorf("error %v is not invalid argument", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.root != tc.root || cfg.RootPath != tc.root {
+				t.Errorf("root %q, config root %q, want %q", o.root, cfg.RootPath, tc.root)
+			}
+			if !filepath.IsAbs(o.socket) {
+				t.Errorf("socket %q is not absolute", o.socket)
+			}
+		})
+	}
+}
+
+func mustGetwd(t *testing.T) string {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return wd
+}
+
+func TestVersion(t *testing.T) {
+	code, out := runCommand(t, nil, "--version")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, out)
+	}
+	for _, want := range []string{name + " ", "containerd v2.4.2", "go1."} {
+		if !strings.Contains(out, want) {
+			t.Errorf("--version output %q lacks %q", out, want)
+		}
+	}
+}
+
+func TestBadCommandLine(t *testing.T) {
+	dir := shortDir(t)
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte("sync_remove = true\nmount_option = ['noacl']\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(dir, "run", "s.sock")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "the socket path is missing"},
+		{[]string{"--nope", socket, dir}, "flag provided but not defined: -nope"},
+		{[]string{"--config", bad, socket, filepath.Join(dir, "root")}, "unknown key(s) mount_option"},
+		{[]string{"--config", filepath.Join(dir, "none.toml"), socket, filepath.Join(dir, "root")}, "no such file"},
+		{[]string{socket}, "the snapshotter root is missing"},
+	} {
+		code, out := runCommand(t, nil, tc.args...)
+		if code != exitUsage || !strings.Contains(out, tc.want) {
+			t.Errorf("%q: exit %d, output %q; want exit %d and %q", tc.args, code, out, exitUsage, tc.want)
+		}
+	}
+	// Nothing was created for a refused command line.
+	for _, p := range []string{socket, filepath.Dir(socket), filepath.Join(dir, "root")} {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s exists after a refused start (%v)", p, err)
+		}
+	}
+}
+
+// TestHostCheckMessage: without fuse-overlayfs on PATH the server exits
+// non-zero with the message the built-in plugin gives.
+func TestHostCheckMessage(t *testing.T) {
+	dir := shortDir(t)
+	emptyPath := filepath.Join(dir, "emptybin")
+	if err := os.Mkdir(emptyPath, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Join(dir, "root")
+	t.Setenv("PATH", emptyPath)
+	want := fuseoverlayfs.Supported(root)
+	if want == nil {
+		t.Fatal("host check passed with an empty PATH")
+	}
+	code, out := runCommand(t, nil, filepath.Join(dir, "run", "s.sock"), root)
+	if code != exitFailure {
+		t.Errorf("exit %d, want %d; output:\n%s", code, exitFailure, out)
+	}
+	if !strings.Contains(out, want.Error()) {
+		t.Errorf("output %q does not hold the host check's message %q", out, want)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "run", "s.sock")); err == nil {
+		t.Error("socket created although the host check failed")
+	}
+}
+
+// notifySocket is a fake systemd notification socket.
+type notifySocket struct {
+	path string
+	conn *net.UnixConn
+}
+
+func newNotifySocket(t *testing.T, dir string) *notifySocket {
+	t.Helper()
+	path := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	return &notifySocket{path: path, conn: conn}
+}
+
+// expect waits (up to 30 s) for a datagram and checks its content.
+func (n *notifySocket) expect(t *testing.T, want string) {
+	t.Helper()
+	if err := n.conn.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	k, err := n.conn.Read(buf)
+	if err != nil {
+		t.Fatalf("waiting for %q on NOTIFY_SOCKET: %v", want, err)
+	}
+	if got := string(buf[:k]); got != want {
+		t.Fatalf("NOTIFY_SOCKET got %q, want %q", got, want)
+	}
+}
+
+// TestServe drives the server through containerd's proxy client: sockets
+// and modes, readiness notification, layers over real fuse-overlayfs
+// mounts, SIGTERM and SIGINT exiting 0, and snapshots surviving a restart.
+func TestServe(t *testing.T) {
+	testutil.RequireFUSE(t)
+	dir := shortDir(t)
+	root := filepath.Join(dir, "root")
+	socket := filepath.Join(dir, "run", "fo.sock")
+	notify := newNotifySocket(t, dir)
+	cfg := filepath.Join(dir, "c.toml")
+	if err := os.WriteFile(cfg, []byte("sync_remove = true\nmount_options = ['noacl']\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"NOTIFY_SOCKET=" + notify.path}
+
+	srv := start(t, env, socket, root, "--config", cfg, "--log-level", "debug")
+	notify.expect(t, "READY=1")
+	// READY=1 comes after listen: the socket must exist now.
+	for path, want := range map[string]os.FileMode{socket: os.ModeSocket | 0o600, filepath.Dir(socket): os.ModeDir | 0o700, root: os.ModeDir | 0o700} {
+		st, err := os.Lstat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode() != want {
+			t.Errorf("%s has mode %v, want %v", path, st.Mode(), want)
+		}
+	}
+	sn := srv.waitServing(socket)
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+
+	// A base layer, written through its mount.
+	mounts, err := sn.Prepare(ctx, "base-active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMount(t, mounts, func(mp string) {
+		if err := os.WriteFile(filepath.Join(mp, "base.txt"), []byte("base"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if err := sn.Commit(ctx, "base", "base-active"); err != nil {
+		t.Fatal(err)
+	}
+	// A child over it: a real fuse-overlayfs mount with the configured option.
+	mounts, err = sn.Prepare(ctx, "child", "base", snapshots.WithLabels(map[string]string{"test": "label"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mounts) != 1 || mounts[0].Type != fuseoverlayfs.MountType || !contains(mounts[0].Options, "noacl") {
+		t.Fatalf("child mounts %+v, want one %s mount with noacl", mounts, fuseoverlayfs.MountType)
+	}
+	withMount(t, mounts, func(mp string) {
+		got, err := os.ReadFile(filepath.Join(mp, "base.txt"))
+		if err != nil || string(got) != "base" {
+			t.Fatalf("base.txt through the overlay: %q, %v", got, err)
+		}
+		if err := os.WriteFile(filepath.Join(mp, "child.txt"), []byte("child"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	// SIGTERM: stops serving, exits 0, removes the socket, says STOPPING.
+	if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := srv.exitCode(); code != 0 {
+		t.Fatalf("exit %d after SIGTERM, want 0; output:\n%s", code, srv.out)
+	}
+	notify.expect(t, "STOPPING=1")
+	if _, err := os.Lstat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket still there after exit: %v", err)
+	}
+	if !strings.Contains(srv.out.String(), "stopping") {
+		t.Errorf("no stop message in the log:\n%s", srv.out)
+	}
+
+	// Restarted on the same root: everything is still there.
+	srv = start(t, env, "--config", cfg, socket, root)
+	notify.expect(t, "READY=1")
+	sn = srv.waitServing(socket)
+	info, err := sn.Stat(ctx, "child")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Kind != snapshots.KindActive || info.Parent != "base" || info.Labels["test"] != "label" {
+		t.Errorf("child after restart: %+v", info)
+	}
+	mounts, err = sn.Mounts(ctx, "child")
+	if err != nil {
+		t.Fatal(err)
+	}
+	withMount(t, mounts, func(mp string) {
+		for f, want := range map[string]string{"base.txt": "base", "child.txt": "child"} {
+			got, err := os.ReadFile(filepath.Join(mp, f))
+			if err != nil || string(got) != want {
+				t.Errorf("%s after restart: %q, %v", f, got, err)
+			}
+		}
+	})
+	usage, err := sn.Usage(ctx, "child")
+	if err != nil || usage.Inodes < 1 {
+		t.Errorf("usage of child: %+v, %v", usage, err)
+	}
+	for _, key := range []string{"child", "base"} {
+		if err := sn.Remove(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// sync_remove = true from the config file: the directories are gone.
+	entries, err := os.ReadDir(filepath.Join(root, "snapshots"))
+	if err != nil || len(entries) != 0 {
+		t.Errorf("snapshots/ after removing everything: %v, %v", entries, err)
+	}
+	if err := srv.cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	if code := srv.exitCode(); code != 0 {
+		t.Fatalf("exit %d after SIGINT, want 0; output:\n%s", code, srv.out)
+	}
+	notify.expect(t, "STOPPING=1")
+	testutil.RequireNoLeftovers(t, root)
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// withMount mounts mounts on a temporary directory, calls fn and unmounts.
+func withMount(t *testing.T, mounts []mount.Mount, fn func(mp string)) {
+	t.Helper()
+	mp := t.TempDir()
+	if err := mount.All(mounts, mp); err != nil {
+		t.Fatalf("mount %+v: %v", mounts, err)
+	}
+	defer func() {
+		if err := mount.UnmountAll(mp, 0); err != nil {
+			t.Errorf("unmount %s: %v", mp, err)
+		}
+	}()
+	fn(mp)
+}
+
+// TestSocketSafety: a stale socket is replaced; a live one, a file that is
+// not a socket and a directory others can enter are refused.
+func TestSocketSafety(t *testing.T) {
+	testutil.RequireFUSE(t)
+	dir := shortDir(t)
+	root := filepath.Join(dir, "root")
+	runDir := filepath.Join(dir, "run")
+	if err := os.Mkdir(runDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(runDir, "fo.sock")
+
+	t.Run("live", func(t *testing.T) {
+		l, err := net.Listen("unix", socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = l.Close() }()
+		code, out := runCommand(t, nil, socket, root)
+		if code != exitFailure || !strings.Contains(out, "another server is listening on "+socket) {
+			t.Errorf("exit %d, output %q", code, out)
+		}
+		if _, err := os.Lstat(socket); err != nil {
+			t.Errorf("the live socket was removed: %v", err)
+		}
+	})
+
+	t.Run("not a socket", func(t *testing.T) {
+		other := filepath.Join(runDir, "file")
+		if err := os.WriteFile(other, []byte("keep me"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runCommand(t, nil, other, root)
+		if code != exitFailure || !strings.Contains(out, "exists and is not a socket") {
+			t.Errorf("exit %d, output %q", code, out)
+		}
+		if got, err := os.ReadFile(other); err != nil || string(got) != "keep me" {
+			t.Errorf("the file was touched: %q, %v", got, err)
+		}
+	})
+
+	t.Run("open directory", func(t *testing.T) {
+		open := filepath.Join(dir, "open")
+		if err := os.Mkdir(open, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runCommand(t, nil, filepath.Join(open, "fo.sock"), root)
+		if code != exitFailure || !strings.Contains(out, "has mode 0755, want 0700") {
+			t.Errorf("exit %d, output %q", code, out)
+		}
+	})
+
+	t.Run("stale", func(t *testing.T) {
+		// A socket whose server is gone: bound, never unlinked.
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.SetUnlinkOnClose(false)
+		if err := l.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Lstat(socket); err != nil {
+			t.Fatalf("stale socket not there: %v", err)
+		}
+		srv := start(t, nil, socket, root)
+		srv.waitServing(socket)
+		if !strings.Contains(srv.out.String(), "removed a stale socket") {
+			t.Errorf("no message about the stale socket:\n%s", srv.out)
+		}
+		st, err := os.Lstat(socket)
+		if err != nil || st.Mode() != os.ModeSocket|0o600 {
+			t.Errorf("new socket: %v, %v", st, err)
+		}
+		// A second server on the same root is refused instead of hanging
+		// on the metadata store's lock.
+		code, out := runCommand(t, nil, filepath.Join(runDir, "second.sock"), root)
+		if code != exitFailure || !strings.Contains(out, "is in use by another process") {
+			t.Errorf("second server on the same root: exit %d, output %q", code, out)
+		}
+		if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if code := srv.exitCode(); code != 0 {
+			t.Errorf("exit %d after SIGTERM; output:\n%s", code, srv.out)
+		}
+	})
+	testutil.RequireNoLeftovers(t, root)
+}
+
+// TestSnapshotterSuiteOverGRPC runs containerd's snapshotter suite against
+// the server through containerd's proxy client, one server per subtest.
+func TestSnapshotterSuiteOverGRPC(t *testing.T) {
+	testutil.RequireFUSE(t)
+	dir := shortDir(t)
+	// The suite makes its directories in TMPDIR: a private one tells its
+	// mounts from those of a suite running in parallel in another package.
+	tmp := filepath.Join(dir, "tmp")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TMPDIR", tmp)
+	var mu sync.Mutex
+	n := 0
+	// The name selects the suite's expectations for fuse-overlayfs.
+	testsuite.SnapshotterSuite(t, "fuse-overlayfs", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		mu.Lock()
+		n++
+		socket := filepath.Join(dir, "s", fmt.Sprint(n), "s.sock")
+		mu.Unlock()
+		srv, err := startServer(nil, socket, root)
+		if err != nil {
+			return nil, nil, err
+		}
+		sn, conn, err := srv.serving(socket)
+		if err != nil {
+			srv.kill()
+			return nil, nil, err
+		}
+		return sn, func() error {
+			_ = conn.Close()
+			if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				return err
+			}
+			code, err := srv.wait()
+			if err != nil {
+				return err
+			}
+			if code != 0 {
+				return fmt.Errorf("server exited %d after SIGTERM:\n%s", code, srv.out)
+			}
+			return nil
+		}, nil
+	})
+	testutil.RequireNoLeftovers(t, tmp)
+}

@@ -1,0 +1,292 @@
+// Package differ is a containerd diff plugin implementation for the
+// fuse-overlayfs snapshotter. Its applier writes image layers straight into
+// the snapshot's layer directory instead of pushing every file through a
+// FUSE mount; its comparer is containerd's walking differ.
+package differ
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/diff"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/plugins/diff/walking"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
+
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/internal/layer"
+)
+
+// Differ compares like containerd's walking differ and applies layers
+// directly into the layer directories of fuse-overlayfs snapshotters rooted
+// at its roots. Mounts of anything else get errdefs.ErrNotImplemented, so
+// containerd's diff service tries its next differ.
+type Differ struct {
+	store    content.Store
+	roots    []string
+	comparer diff.Comparer
+	fallback diff.Applier
+	forms    *layer.Forms
+}
+
+// Opt configures a Differ.
+type Opt func(*Differ)
+
+// WithFallback sets the applier used for this snapshotter's mounts that the
+// direct path does not handle (ID-mapped ones, whose files must be written
+// through the mapping). Without it they get errdefs.ErrNotImplemented.
+func WithFallback(a diff.Applier) Opt {
+	return func(d *Differ) { d.fallback = a }
+}
+
+// WithUnprivilegedForms writes whiteouts and opaque directories in the
+// forms fuse-overlayfs reads without privileges (`.wh.NAME` files and the
+// user.fuseoverlayfs.opaque xattr) even where the privileged ones (0/0
+// character devices, trusted.overlay.opaque) could be made; tests use it to
+// check the fallback.
+func WithUnprivilegedForms() Opt {
+	return func(d *Differ) {
+		f := layer.FallbackForms
+		d.forms = &f
+	}
+}
+
+// New returns a Differ for the snapshotter roots given.
+func New(store content.Store, roots []string, opts ...Opt) *Differ {
+	d := &Differ{store: store, comparer: walking.NewWalkingDiff(store)}
+	for _, r := range roots {
+		if r != "" {
+			d.roots = append(d.roots, filepath.Clean(r))
+		}
+	}
+	for _, o := range opts {
+		o(d)
+	}
+	return d
+}
+
+// Compare computes the diff between two mounts like containerd's walking
+// differ (it is that differ).
+func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	return d.comparer.Compare(ctx, lower, upper, opts...)
+}
+
+// target is where a layer goes.
+type target struct {
+	dir      string
+	lowers   []string
+	detached bool
+	state    string
+	idmapped bool
+}
+
+// Apply extracts the layer desc into the snapshot the mounts belong to.
+func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	t, err := d.target(mounts)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	if t.idmapped {
+		if d.fallback == nil {
+			return ocispec.Descriptor{}, fmt.Errorf("ID-mapped fuse-overlayfs mount: %w", errdefs.ErrNotImplemented)
+		}
+		return d.fallback.Apply(ctx, desc, mounts, opts...)
+	}
+	start := time.Now()
+	var config diff.ApplyConfig
+	for _, o := range opts {
+		if err := o(ctx, desc, &config); err != nil {
+			return ocispec.Descriptor{}, fmt.Errorf("apply option: %w", err)
+		}
+	}
+	ra, err := d.store.ReaderAt(ctx, desc)
+	if err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("get reader for layer %s from content store: %w", desc.Digest, err)
+	}
+	defer func() { _ = ra.Close() }()
+	var r io.Reader = content.NewReader(ra) //nolint:staticcheck // r is replaced below
+	if config.Progress != nil {
+		pr := &progressReader{r: r, p: config.Progress}
+		defer func() { config.Progress(pr.n) }()
+		r = pr
+	}
+
+	processor := diff.NewProcessorChain(desc.MediaType, r)
+	processors := []diff.StreamProcessor{processor}
+	for {
+		if processor, err = diff.GetProcessor(ctx, processor, config.ProcessorPayloads); err != nil {
+			return ocispec.Descriptor{}, fmt.Errorf("get stream processor for %s: %w", desc.MediaType, err)
+		}
+		processors = append(processors, processor)
+		if processor.MediaType() == ocispec.MediaTypeImageLayer {
+			break
+		}
+	}
+	defer func() { _ = processor.Close() }()
+
+	digester := digest.Canonical.Digester()
+	rc := &countReader{r: io.TeeReader(processor, digester.Hash())}
+	if err := layer.Apply(ctx, t.dir, rc, layer.Options{Lowers: t.lowers, Detached: t.detached, StateFile: t.state, Forms: d.forms}); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("apply layer %s to %s: %w", desc.Digest, t.dir, err)
+	}
+	// The digest covers the whole stream, trailing data included.
+	if _, err := io.Copy(io.Discard, rc); err != nil {
+		return ocispec.Descriptor{}, fmt.Errorf("read layer %s: %w", desc.Digest, err)
+	}
+	for _, p := range processors {
+		if ep, ok := p.(interface{ Err() error }); ok {
+			if err := ep.Err(); err != nil {
+				return ocispec.Descriptor{}, err
+			}
+		}
+	}
+	if config.SyncFs {
+		if err := syncFs(t.dir); err != nil {
+			return ocispec.Descriptor{}, err
+		}
+	}
+	log.G(ctx).WithFields(log.Fields{"d": time.Since(start), "digest": desc.Digest, "dir": t.dir, "detached": t.detached}).Debug("layer applied directly")
+	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Size: rc.n, Digest: digester.Digest()}, nil
+}
+
+func syncFs(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = f.Close() }()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}
+
+// target recognises this snapshotter's mounts: a read-write bind mount of
+// <root>/snapshots/<id>/fs (an active snapshot without parent), or a
+// fuse-overlayfs mount whose upper, work and lower directories all lie in
+// the same root.
+func (d *Differ) target(mounts []mount.Mount) (target, error) {
+	notOurs := func(why string) (target, error) {
+		return target{}, fmt.Errorf("not a fuse-overlayfs snapshot mount (%s): %w", why, errdefs.ErrNotImplemented)
+	}
+	if len(mounts) != 1 {
+		return notOurs(fmt.Sprintf("%d mounts", len(mounts)))
+	}
+	m := mounts[0]
+	switch m.Type {
+	case "bind", "rbind":
+		rw := true
+		for _, o := range m.Options {
+			if o == "ro" {
+				rw = false
+			}
+		}
+		if !rw {
+			return notOurs("read-only bind")
+		}
+		root, id, ok := d.layerOf(m.Source)
+		if !ok {
+			return notOurs("bind source outside the snapshotter roots")
+		}
+		snap := filepath.Join(root, "snapshots", id)
+		return target{dir: m.Source, detached: true, state: layer.StateFile(snap)}, nil
+	case fuseoverlayfs.MountType:
+		var t target
+		var upper, work, lowerOpt string
+		for _, o := range m.Options {
+			k, v, _ := strings.Cut(o, "=")
+			switch k {
+			case "upperdir":
+				upper = v
+			case "workdir":
+				work = v
+			case "lowerdir":
+				lowerOpt = v
+			case "uidmapping", "gidmapping":
+				t.idmapped = true
+			}
+		}
+		if upper == "" {
+			return notOurs("no upperdir")
+		}
+		root, id, ok := d.layerOf(upper)
+		if !ok {
+			return notOurs("upperdir outside the snapshotter roots")
+		}
+		if filepath.Clean(work) != filepath.Join(root, "snapshots", id, "work") {
+			return notOurs("workdir not the snapshot's")
+		}
+		for _, l := range strings.Split(lowerOpt, ":") {
+			if filepath.Clean(l) == filepath.Join(root, "empty") {
+				continue
+			}
+			lroot, _, ok := d.layerOf(l)
+			if !ok || lroot != root {
+				return notOurs("lowerdir outside the snapshotter root")
+			}
+			t.lowers = append(t.lowers, filepath.Clean(l))
+		}
+		t.dir = filepath.Clean(upper)
+		return t, nil
+	default:
+		return notOurs("type " + m.Type)
+	}
+}
+
+// layerOf tells whether p is <root>/snapshots/<id>/fs for one of the roots,
+// and an existing directory.
+func (d *Differ) layerOf(p string) (string, string, bool) {
+	if p == "" || !filepath.IsAbs(p) {
+		return "", "", false
+	}
+	p = filepath.Clean(p)
+	for _, r := range d.roots {
+		rest, ok := strings.CutPrefix(p, r+"/snapshots/")
+		if !ok {
+			continue
+		}
+		id, fs, ok := strings.Cut(rest, "/")
+		if !ok || fs != "fs" || id == "" || strings.Trim(id, "0123456789") != "" {
+			continue
+		}
+		if st, err := os.Lstat(p); err != nil || !st.IsDir() {
+			continue
+		}
+		return r, id, true
+	}
+	return "", "", false
+}
+
+type countReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+type progressReader struct {
+	r io.Reader
+	n int64
+	p func(int64)
+}
+
+func (pr *progressReader) Read(b []byte) (int, error) {
+	pr.p(pr.n)
+	n, err := pr.r.Read(b)
+	pr.n += int64(n)
+	return n, err
+}

@@ -1,0 +1,289 @@
+// Command benchunpack measures pull+unpack of one realistic image (built
+// here, served by a local docker-registry) on a private containerd from bin/
+// with the README configuration, in five variants:
+//
+//	(a) fuse-overlayfs, layers written directly by its differ, sequential
+//	(b) the same, parallel (max_concurrent_unpacks, rebase at commit)
+//	(c) fuse-overlayfs with the fast path off: containerd's walking differ,
+//	    which writes through a FUSE mount (as the public snapshotter does)
+//	(d) containerd's overlayfs snapshotter
+//	(e) containerd's native snapshotter
+//
+// Runs alternate between variants, each on a fresh containerd (no content
+// cached), and the table gives the medians and the ratios a/d, b/d, c/a.
+// Run it as root with `make bench-unpack`.
+package main
+
+import (
+	"archive/tar"
+	"context"
+	"flag"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
+	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+)
+
+type variant struct {
+	key, desc   string
+	snapshotter string
+	unpacks     int
+	direct      bool
+}
+
+var variants = []variant{
+	{"a", "fuse-overlayfs, direct apply, sequential", "fuse-overlayfs", 1, true},
+	{"b", "fuse-overlayfs, direct apply, parallel", "fuse-overlayfs", 4, true},
+	{"c", "fuse-overlayfs, through FUSE (fast path off)", "fuse-overlayfs", 1, false},
+	{"d", "overlayfs (kernel)", "overlayfs", 1, true},
+	{"e", "native", "native", 1, true},
+}
+
+func main() {
+	reps := flag.Int("reps", 5, "repetitions of each variant")
+	only := flag.String("only", "abcde", "variants to run")
+	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
+	flag.Parse()
+	if err := run(*reps, *only, *base); err != nil {
+		fmt.Fprintln(os.Stderr, "benchunpack:", err)
+		os.Exit(1)
+	}
+}
+
+func run(reps int, only, base string) error {
+	if os.Getuid() != 0 {
+		return fmt.Errorf("run as root")
+	}
+	if missing := harness.Missing(); len(missing) > 0 {
+		return fmt.Errorf("missing: %s (make deps binaries)", strings.Join(missing, ", "))
+	}
+	work, err := os.MkdirTemp(base, "bench-unpack-")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(work) }()
+
+	probe, err := harness.BuildProbe(work)
+	if err != nil {
+		return err
+	}
+	spec, files, size := benchImage(probe)
+	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
+	reg, err := harness.StartRegistry(filepath.Join(work, "registry"))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = reg.Stop() }()
+	start := time.Now()
+	ref, err := images.Push(reg.Addr, spec)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("built and pushed %s in %.1f s\n", ref, time.Since(start).Seconds())
+
+	var vs []variant
+	for _, v := range variants {
+		if strings.Contains(only, v.key) {
+			vs = append(vs, v)
+		}
+	}
+	samples := map[string][]float64{}
+	for r := 1; r <= reps; r++ {
+		// Alternate, and rotate the order so no variant always goes first.
+		for i := range vs {
+			v := vs[(i+r-1)%len(vs)]
+			s, err := measure(work, reg.Addr, ref, v)
+			if err != nil {
+				return fmt.Errorf("(%s) run %d: %w", v.key, r, err)
+			}
+			samples[v.key] = append(samples[v.key], s)
+			fmt.Printf("run %d (%s) %-46s %6.2f s\n", r, v.key, v.desc, s)
+		}
+	}
+	report(vs, samples, reps, work)
+	return nil
+}
+
+// measure starts a fresh containerd, times `ctr images pull` (fetch and
+// unpack) and stops it, checking that nothing is left mounted or running.
+func measure(work, registry, ref string, v variant) (float64, error) {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp(work, "c-")
+	if err != nil {
+		return 0, err
+	}
+	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: registry, Edit: func(cfg map[string]any) {
+		harness.Set(cfg, v.unpacks, "plugins", "io.containerd.transfer.v1.local", "max_concurrent_unpacks")
+		if !v.direct {
+			fastPathOff(cfg)
+		}
+	}})
+	if err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	_, err = c.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", v.snapshotter, "--platform", "linux/"+runtime.GOARCH, ref)
+	elapsed := time.Since(start).Seconds()
+	if serr := c.Stop(); err == nil {
+		err = serr
+	}
+	left, lerr := harness.WaitNoLeftovers(dir, 15*time.Second)
+	if err == nil {
+		err = lerr
+	}
+	if err == nil && !left.Empty() {
+		_ = harness.CleanLeftovers(left)
+		err = fmt.Errorf("left behind: %s", left)
+	}
+	if rerr := os.RemoveAll(dir); err == nil {
+		err = rerr
+	}
+	return elapsed, err
+}
+
+// fastPathOff points fuse-overlayfs' unpack at containerd's walking differ
+// (which mounts the snapshot and writes through FUSE) and puts walking first
+// in the diff service.
+func fastPathOff(cfg map[string]any) {
+	plugins, _ := cfg["plugins"].(map[string]any)
+	transfer, _ := plugins["io.containerd.transfer.v1.local"].(map[string]any)
+	if list, ok := transfer["unpack_config"].([]any); ok {
+		for _, u := range list {
+			if m, ok := u.(map[string]any); ok && m["snapshotter"] == "fuse-overlayfs" {
+				m["differ"] = "walking"
+			}
+		}
+	}
+	harness.Set(cfg, []string{"walking"}, "plugins", "io.containerd.service.v1.diff-service", "default")
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func report(vs []variant, samples map[string][]float64, reps int, work string) {
+	med := map[string]float64{}
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	var sfs unix.Statfs_t
+	_ = unix.Statfs(work, &sfs)
+	fstype := map[int64]string{0xef53: "ext4", 0x01021994: "tmpfs", 0x58465342: "xfs", 0x9123683e: "btrfs"}[sfs.Type]
+	fmt.Printf("\nmachine: %d CPUs, kernel %s, roots on %s (%s)\n", runtime.NumCPU(), unix.ByteSliceToString(uts.Release[:]), work, fstype)
+	fmt.Printf("pull+unpack, medians of %d alternating runs:\n\n", reps)
+	fmt.Printf("| variant | snapshotter / apply | median (s) | runs (s) |\n|---|---|---|---|\n")
+	for _, v := range vs {
+		med[v.key] = median(samples[v.key])
+		var runs []string
+		for _, s := range samples[v.key] {
+			runs = append(runs, fmt.Sprintf("%.2f", s))
+		}
+		fmt.Printf("| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
+	}
+	fmt.Println()
+	ratio := func(name, a, b string, target string, ok func(float64) bool) {
+		if med[a] == 0 || med[b] == 0 {
+			return
+		}
+		r := med[a] / med[b]
+		verdict := "meets"
+		if !ok(r) {
+			verdict = "MISSES"
+		}
+		fmt.Printf("| %s | %.2f | target %s: %s |\n", name, r, target, verdict)
+	}
+	fmt.Printf("| ratio | value | target |\n|---|---|---|\n")
+	ratio("a/d", "a", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
+	ratio("b/d", "b", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
+	ratio("c/a", "c", "a", ">= 2", func(r float64) bool { return r >= 2 })
+}
+
+// benchImage is an application-like image: a small base, one big layer of
+// 12,000 files (about 240 MB) and a layer that deletes files and
+// directories, re-creates one, makes one opaque and adds some files.
+func benchImage(probe []byte) (images.Spec, int, int64) {
+	rng := rand.New(rand.NewSource(4))
+	words := make([]string, 512)
+	for i := range words {
+		n := 3 + rng.Intn(8)
+		b := make([]byte, n)
+		for j := range b {
+			b[j] = byte('a' + rng.Intn(26))
+		}
+		words[i] = string(b)
+	}
+	// Text-like content, so it compresses about as much as real files do.
+	text := func(size int) string {
+		var sb strings.Builder
+		sb.Grow(size + 16)
+		for sb.Len() < size {
+			sb.WriteString(words[rng.Intn(len(words))])
+			if rng.Intn(12) == 0 {
+				sb.WriteByte('\n')
+			} else {
+				sb.WriteByte(' ')
+			}
+		}
+		return sb.String()[:size]
+	}
+	var files int
+	var size int64
+	add := func(l *images.Layer, path string, body string) {
+		*l = append(*l, images.File(path, 0o644, body))
+		files++
+		size += int64(len(body))
+	}
+	baseL := images.Layer{
+		images.Dir("bin", 0o755),
+		{Path: "bin/probe", Type: tar.TypeReg, Mode: 0o755, Body: probe},
+		images.Dir("etc", 0o755),
+		images.Dir("app", 0o755),
+		images.Dir("app/base", 0o755),
+	}
+	for i := 0; i < 300; i++ {
+		add(&baseL, fmt.Sprintf("app/base/f%03d", i), text(2000+rng.Intn(8000)))
+	}
+	big := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
+	for d := 0; d < 120; d++ {
+		dir := fmt.Sprintf("app/lib/pkg%03d", d)
+		big = append(big, images.Dir(dir, 0o755))
+		for i := 0; i < 100; i++ {
+			add(&big, fmt.Sprintf("%s/m%03d.dat", dir, i), text(4000+rng.Intn(32000)))
+		}
+	}
+	top := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
+	for i := 0; i < 100; i++ {
+		top = append(top, images.Whiteout(fmt.Sprintf("app/lib/pkg%03d/m%03d.dat", i, i)))
+	}
+	top = append(top, images.Whiteout("app/lib/pkg118"), images.Whiteout("app/lib/pkg119"),
+		images.Whiteout("app/lib/pkg117"), images.Dir("app/lib/pkg117", 0o755),
+		images.Dir("app/lib/pkg116", 0o755), images.Opaque("app/lib/pkg116"))
+	add(&top, "app/lib/pkg117/new.dat", text(10000))
+	add(&top, "app/lib/pkg116/new.dat", text(10000))
+	// A hard link within the layer (one to a lower layer's file would make
+	// containerd's overlayfs fast path fail: see NOTES.md).
+	top = append(top, images.Hardlink("app/lib/pkg116/alias.dat", "app/lib/pkg116/new.dat"))
+	top = append(top, images.Dir("app/conf", 0o755))
+	for i := 0; i < 200; i++ {
+		add(&top, fmt.Sprintf("app/conf/c%03d.conf", i), text(1000+rng.Intn(20000)))
+	}
+	return images.Spec{
+		Repo:   "bench/unpack",
+		Tag:    "1",
+		Layers: []images.Layer{baseL, big, top},
+		Cmd:    []string{images.ProbePath, "echo", "ok"},
+	}, files, size
+}

@@ -1,0 +1,270 @@
+package layer
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/archive"
+	"golang.org/x/sys/unix"
+)
+
+// ent is one tar entry of a test layer.
+type ent struct {
+	name, body, link string
+	typ              byte
+	mode             int64
+	uid, gid         int
+	xattrs           map[string]string
+	major, minor     int64
+}
+
+func dir(name string) ent        { return ent{name: name, typ: tar.TypeDir, mode: 0o755} }
+func file(name, body string) ent { return ent{name: name, typ: tar.TypeReg, mode: 0o644, body: body} }
+func symlink(name, to string) ent {
+	return ent{name: name, typ: tar.TypeSymlink, mode: 0o777, link: to}
+}
+func hardlink(name, to string) ent  { return ent{name: name, typ: tar.TypeLink, mode: 0o644, link: to} }
+func whiteout(dir, name string) ent { return file(filepath.Join(dir, ".wh."+name), "") }
+func opaque(dir string) ent         { return file(filepath.Join(dir, ".wh..wh..opq"), "") }
+
+func (e ent) withMode(m int64) ent           { e.mode = m; return e }
+func (e ent) owned(uid, gid int) ent         { e.uid, e.gid = uid, gid; return e }
+func (e ent) withXattr(k, v string) ent      { e.xattrs = map[string]string{k: v}; return e }
+func (e ent) withDev(maj, min int64) ent     { e.major, e.minor = maj, min; return e }
+func tarOf(t testing.TB, ents ...ent) []byte { return tarBytes(t, ents) }
+
+var testTime = time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)
+
+func tarBytes(t testing.TB, ents []ent) []byte {
+	t.Helper()
+	b, err := tarBytesErr(ents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func tarBytesErr(ents []ent) ([]byte, error) {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range ents {
+		hdr := &tar.Header{
+			Name: e.name, Typeflag: e.typ, Mode: e.mode, Uid: e.uid, Gid: e.gid,
+			Linkname: e.link, ModTime: testTime, Devmajor: e.major, Devminor: e.minor,
+		}
+		if e.typ == tar.TypeReg {
+			hdr.Size = int64(len(e.body))
+		}
+		if len(e.xattrs) > 0 {
+			hdr.PAXRecords = map[string]string{}
+			for k, v := range e.xattrs {
+				hdr.PAXRecords["SCHILY.xattr."+k] = v
+			}
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return nil, fmt.Errorf("tar header %q: %w", e.name, err)
+		}
+		if hdr.Size > 0 {
+			if _, err := tw.Write([]byte(e.body)); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// applyNative applies the layers one after the other into one directory
+// with containerd's own extraction: what the native snapshotter holds.
+func applyNative(t *testing.T, layers [][]ent) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "native")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range layers {
+		if _, err := archive.Apply(context.Background(), dir, bytes.NewReader(tarBytes(t, l))); err != nil {
+			t.Fatalf("native apply of layer %d: %v", i, err)
+		}
+	}
+	return dir
+}
+
+// stack is a set of layer directories laid out like a snapshotter root.
+type stack struct {
+	root string
+	dirs []string // oldest first
+}
+
+func newStack(t *testing.T, n int) *stack {
+	t.Helper()
+	s := &stack{root: t.TempDir()}
+	for i := 1; i <= n; i++ {
+		d := filepath.Join(s.root, "snapshots", fmt.Sprint(i), "fs")
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(filepath.Join(s.root, "snapshots", fmt.Sprint(i), "work"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		s.dirs = append(s.dirs, d)
+	}
+	return s
+}
+
+// lowers returns the directories below layer i, newest first.
+func (s *stack) lowers(i int) []string {
+	var l []string
+	for j := i - 1; j >= 0; j-- {
+		l = append(l, s.dirs[j])
+	}
+	return l
+}
+
+func (s *stack) state(i int) string { return StateFile(filepath.Dir(s.dirs[i])) }
+
+// applyOurs applies the layers into a stack, each directly into its layer
+// directory: sequentially (lowers known) or detached and finished as
+// containerd's parallel unpack and our Commit do.
+func applyOurs(t *testing.T, layers [][]ent, forms Forms, detached bool) *stack {
+	t.Helper()
+	s := newStack(t, len(layers))
+	ctx := context.Background()
+	for i, l := range layers {
+		opts := Options{Forms: &forms}
+		if detached {
+			opts.Detached, opts.StateFile = true, s.state(i)
+		} else {
+			opts.Lowers = s.lowers(i)
+		}
+		if err := Apply(ctx, s.dirs[i], bytes.NewReader(tarBytes(t, l)), opts); err != nil {
+			t.Fatalf("apply layer %d: %v", i, err)
+		}
+	}
+	if detached {
+		for i := range layers {
+			if err := Finish(ctx, s.dirs[i], s.state(i), s.lowers(i)); err != nil {
+				t.Fatalf("finish layer %d: %v", i, err)
+			}
+		}
+	}
+	return s
+}
+
+// mountStack mounts the stack read-only through fuse-overlayfs, as a view
+// of the top layer, and returns the mount point; the test unmounts it.
+func mountStack(t *testing.T, s *stack) string {
+	t.Helper()
+	target := filepath.Join(s.root, "mnt")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lowers := s.lowers(len(s.dirs))
+	m := mount.Mount{Type: "fuse3.fuse-overlayfs", Source: "overlay", Options: []string{"lowerdir=" + strings.Join(lowers, ":")}}
+	if len(lowers) == 1 {
+		// fuse-overlayfs needs two directories for a read-only mount.
+		empty := filepath.Join(s.root, "empty")
+		if err := os.Mkdir(empty, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		m.Options = []string{"lowerdir=" + lowers[0] + ":" + empty}
+	}
+	if err := m.Mount(target); err != nil {
+		t.Fatalf("mount %v: %v", m.Options, err)
+	}
+	t.Cleanup(func() {
+		if err := mount.UnmountAll(target, 0); err != nil {
+			t.Errorf("unmount %s: %v", target, err)
+		}
+	})
+	return target
+}
+
+// tree describes every entry under root (not following symlinks): type,
+// permission bits, owner, content hash, link target and xattrs; what
+// TestSameTreeAsNative compares too. Link counts and times are left out.
+func tree(t *testing.T, root string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			return err
+		}
+		desc := fmt.Sprintf("type=%o perm=%o owner=%d:%d", st.Mode&unix.S_IFMT, st.Mode&0o7777, st.Uid, st.Gid)
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFREG:
+			data, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			desc += fmt.Sprintf(" sha=%x", sha256.Sum256(data))
+		case unix.S_IFLNK:
+			l, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			desc += " link=" + l
+		case unix.S_IFCHR, unix.S_IFBLK:
+			desc += fmt.Sprintf(" dev=%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+		}
+		if rel != "." {
+			names, err := listXattrs(p)
+			if err != nil {
+				return err
+			}
+			sort.Strings(names)
+			for _, n := range names {
+				if strings.HasPrefix(n, "security.") {
+					continue
+				}
+				v, err := getXattr(p, n)
+				if err != nil {
+					return err
+				}
+				desc += fmt.Sprintf(" xattr:%s=%q", n, v)
+			}
+		}
+		out[rel] = desc
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func diffTrees(want, got map[string]string) []string {
+	var d []string
+	for k, v := range want {
+		if g, ok := got[k]; !ok {
+			d = append(d, fmt.Sprintf("missing %s (%s)", k, v))
+		} else if g != v {
+			d = append(d, fmt.Sprintf("differs %s:\n\twant %s\n\tgot  %s", k, v, g))
+		}
+	}
+	for k, v := range got {
+		if _, ok := want[k]; !ok {
+			d = append(d, fmt.Sprintf("extra %s (%s)", k, v))
+		}
+	}
+	sort.Strings(d)
+	return d
+}
