@@ -1,0 +1,428 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
+	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+)
+
+// readmeBlock returns the n-th (0-based) code block of language lang after
+// the heading in the README's "## Rootless" section.
+func readmeBlock(t *testing.T, readme, heading, lang string, n int) string {
+	t.Helper()
+	_, section, ok := strings.Cut(readme, "\n## Rootless\n")
+	if !ok {
+		t.Fatal("README.md has no \"## Rootless\" section")
+	}
+	if end := strings.Index(section, "\n## "); end >= 0 {
+		section = section[:end]
+	}
+	_, rest, ok := strings.Cut(section, "\n"+heading+"\n")
+	if !ok {
+		t.Fatalf("README.md's Rootless section has no heading %q", heading)
+	}
+	if end := strings.Index(rest, "\n### "); end >= 0 {
+		rest = rest[:end]
+	}
+	for i := 0; ; i++ {
+		_, after, ok := strings.Cut(rest, "```"+lang+"\n")
+		if !ok {
+			t.Fatalf("README.md: no %s block number %d under %q", lang, n+1, heading)
+		}
+		block, tail, ok := strings.Cut(after, "```")
+		if !ok {
+			t.Fatalf("README.md: unterminated %s block under %q", lang, heading)
+		}
+		if i == n {
+			return block
+		}
+		rest = tail
+	}
+}
+
+// replaceOnce replaces old, which must occur exactly once, by new.
+func replaceOnce(t *testing.T, s, old, new string) string {
+	t.Helper()
+	if c := strings.Count(s, old); c != 1 {
+		t.Fatalf("README.md changed: %q occurs %d times in\n%s", old, c, s)
+	}
+	return strings.Replace(s, old, new, 1)
+}
+
+// TestRootlessReadme runs the README's Rootless section as written, as the
+// unprivileged user: its RootlessKit command starts our containerd with
+// config/containerd.toml, its client commands run a container on
+// fuse-overlayfs; then the same RootlessKit command starts containerd-stock
+// with config/containerd-proxy.toml and the systemd unit's ExecStart joins
+// its namespaces to serve the snapshotter. The only changes: the image is
+// imported from an archive instead of pulled from Docker Hub (no internet),
+// it runs /bin/probe instead of busybox's echo, and the unit's %t and %h
+// are expanded as systemd would.
+func TestRootlessReadme(t *testing.T) {
+	r := newRootlessRun(t, []string{"containerd-stock", "containerd-fuse-overlayfs-grpc"}, true)
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(data)
+	const builtinHeading = "### containerd with the built-in plugin, under RootlessKit"
+	start := readmeBlock(t, readme, builtinHeading, "sh", 0)
+	client := readmeBlock(t, readme, builtinHeading, "sh", 1)
+	unit := readmeBlock(t, readme, "### An unmodified containerd with the proxy plugin", "ini", 0)
+
+	// The README's host prerequisite for --net=slirp4netns.
+	if st, err := os.Stat("/dev/net/tun"); err != nil {
+		testutil.Unavailable(t, "/dev/net/tun: %v", err)
+	} else if st.Mode().Perm() != 0o666 {
+		if err := os.Chmod("/dev/net/tun", 0o666); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	home := filepath.Join(r.stage, "home")
+	runtimeDir := filepath.Join(r.stage, "run")
+	archive := filepath.Join(r.stage, "features.tar")
+	const ref = "example.test/readme/features:1"
+	if err := images.WriteOCIArchive(archive, ref, getFixture(t).features); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(archive, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	client = replaceOnce(t, client, "ctr images pull --snapshotter fuse-overlayfs docker.io/library/busybox:latest",
+		"ctr images import --snapshotter fuse-overlayfs "+archive)
+	client = replaceOnce(t, client, "docker.io/library/busybox:latest hello echo hi", ref+" hello "+images.ProbePath+" echo hi")
+	// The client block's first two lines: the rl() function and the
+	// containerd address.
+	lines := strings.SplitN(client, "\n", 3)
+	if len(lines) < 3 || !strings.HasPrefix(lines[0], "rl() {") || !strings.HasPrefix(lines[1], "export CONTAINERD_ADDRESS=") {
+		t.Fatalf("README.md changed: the client block does not start with rl() and CONTAINERD_ADDRESS:\n%s", client)
+	}
+	rl := lines[0] + "\n" + lines[1]
+	env := append([]string{"HOME=" + home, "XDG_RUNTIME_DIR=" + runtimeDir}, envWithout(r.env, "HOME", "XDG_RUNTIME_DIR", innerEnv)...)
+
+	cfgDir := filepath.Join(home, ".config", "containerd")
+	writeUserFile := func(path string, data []byte) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := chownTree(home, r.user.UID, r.user.GID); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("builtin", func(t *testing.T) {
+		cfg, err := os.ReadFile(filepath.Join(root, "config", "containerd.toml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		writeUserFile(filepath.Join(cfgDir, "config.toml"), cfg)
+		d := startReadmeContainerd(t, r, env, start)
+		out := d.user(t, client)
+		if !strings.Contains(out, "\nhi\n") && !strings.HasPrefix(out, "hi\n") {
+			t.Fatalf("the README's client commands did not print hi:\n%s", out)
+		}
+		assertContains(t, "snapshots", d.user(t, rl+"\nrl ctr snapshots --snapshotter fuse-overlayfs ls"), "Committed")
+		d.stop(t)
+	})
+
+	t.Run("proxy", func(t *testing.T) {
+		// A fresh containerd root: the one above knows snapshots the
+		// proxy's root does not hold.
+		if err := os.RemoveAll(filepath.Join(home, ".local", "share", "containerd")); err != nil {
+			t.Fatal(err)
+		}
+		proxyCfg, err := os.ReadFile(filepath.Join(root, "config", proxyConfigFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		socket := filepath.Join(runtimeDir, "containerd-fuse-overlayfs", "grpc.sock")
+		writeUserFile(filepath.Join(cfgDir, "config.toml"),
+			[]byte(replaceOnce(t, string(proxyCfg), "/run/user/1000/containerd-fuse-overlayfs/grpc.sock", socket)))
+		d := startReadmeContainerd(t, r, env, replaceOnce(t, start, "exec containerd ", "exec containerd-stock "))
+
+		var execStart string
+		for _, line := range strings.Split(unit, "\n") {
+			if v, ok := strings.CutPrefix(line, "ExecStart="); ok {
+				execStart = strings.NewReplacer("%t", runtimeDir, "%h", home).Replace(v)
+			}
+		}
+		if execStart == "" {
+			t.Fatal("README.md's unit has no ExecStart")
+		}
+		notifyPath := filepath.Join(runtimeDir, "notify.sock")
+		notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = notify.Close() }()
+		if err := os.Chmod(notifyPath, 0o666); err != nil {
+			t.Fatal(err)
+		}
+		var proxyOut strings.Builder
+		proxy := r.user.Shell(context.Background(), append(env, "NOTIFY_SOCKET="+notifyPath), "exec "+execStart)
+		proxy.Stdout, proxy.Stderr = &proxyOut, &proxyOut
+		proxy.WaitDelay = 5 * time.Second
+		if err := proxy.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// proxyDone is closed once the server exited; proxyErr is then its
+		// exit status.
+		proxyDone := make(chan struct{})
+		var proxyErr error
+		go func() {
+			proxyErr = proxy.Wait()
+			close(proxyDone)
+		}()
+		defer func() {
+			select {
+			case <-proxyDone:
+			default:
+				_ = proxy.Process.Kill()
+				select {
+				case <-proxyDone:
+				case <-time.After(30 * time.Second):
+					t.Errorf("the unit's server (pid %d) survives SIGKILL", proxy.Process.Pid)
+				}
+				t.Errorf("the unit's server was still running; killed it:\n%s", &proxyOut)
+			}
+		}()
+		if err := notify.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64)
+		n, err := notify.Read(buf)
+		if err != nil || string(buf[:n]) != "READY=1" {
+			t.Fatalf("the unit's ExecStart did not report READY=1 (%q, %v):\n%s", buf[:n], err, &proxyOut)
+		}
+
+		out := d.user(t, client)
+		if !strings.Contains(out, "\nhi\n") && !strings.HasPrefix(out, "hi\n") {
+			t.Fatalf("the README's client commands did not print hi:\n%s", out)
+		}
+		// The layers are in the server's root, as the unit names it.
+		entries, err := os.ReadDir(filepath.Join(home, ".local", "share", "containerd-fuse-overlayfs", "snapshots"))
+		if err != nil || len(entries) < len(getFixture(t).features.Layers) {
+			t.Fatalf("the server's root holds %d snapshots (%v), want the image's layers", len(entries), err)
+		}
+
+		// systemd stops the unit with SIGTERM: the server is the unit's
+		// main process (sh and nsenter exec it).
+		if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", proxy.Process.Pid)); err != nil ||
+			!strings.HasPrefix(string(cmdline), "containerd-fuse-overlayfs-grpc\x00") {
+			t.Errorf("the unit's main process is not the server: %q, %v", cmdline, err)
+		}
+		if err := proxy.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-proxyDone:
+			if proxyErr != nil {
+				t.Errorf("the unit's server after SIGTERM: %v, want exit status 0:\n%s", proxyErr, &proxyOut)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("the unit's server ignored SIGTERM:\n%s", &proxyOut)
+		}
+		d.stop(t)
+	})
+}
+
+// readmeContainerd is the README's RootlessKit command, running.
+type readmeContainerd struct {
+	r    *rootlessRun
+	env  []string
+	cmd  *exec.Cmd
+	out  *strings.Builder
+	done chan struct{} // closed when RootlessKit exited
+	err  error         // its exit status, once done is closed
+	// children are RootlessKit's child processes (its namespaces' init,
+	// slirp4netns) by PID, with their command lines: slirp4netns' does
+	// not name the test's directory, so the leftover check cannot see it.
+	children map[int]string
+}
+
+// startReadmeContainerd runs the README's start command as the user and
+// waits for containerd's socket.
+func startReadmeContainerd(t *testing.T, r *rootlessRun, env []string, script string) *readmeContainerd {
+	t.Helper()
+	d := &readmeContainerd{r: r, env: env, out: &strings.Builder{}, done: make(chan struct{})}
+	// exec: RootlessKit itself is the process to stop; it passes SIGTERM
+	// on to containerd.
+	d.cmd = r.user.Shell(context.Background(), env, "exec "+script)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.cmd.WaitDelay = 5 * time.Second
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-d.done:
+		default:
+			// A test that failed before stop: its children may not be
+			// known yet, and must not outlive it either.
+			if d.children == nil {
+				d.children = map[int]string{}
+			}
+			for pid, cmdline := range childrenOf(d.cmd.Process.Pid) {
+				d.children[pid] = cmdline
+			}
+			_ = d.cmd.Process.Kill()
+			select {
+			case <-d.done:
+			case <-time.After(30 * time.Second):
+				t.Errorf("RootlessKit (pid %d) survives SIGKILL", d.cmd.Process.Pid)
+			}
+			t.Errorf("RootlessKit (pid %d) was still running; killed it:\n%s", d.cmd.Process.Pid, d.out)
+			d.reapChildren(t)
+		}
+	})
+	var runtimeDir string
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "XDG_RUNTIME_DIR="); ok {
+			runtimeDir = v
+		}
+	}
+	socket := filepath.Join(runtimeDir, "containerd", "containerd.sock")
+	err := harness.Poll(60*time.Second, 100*time.Millisecond, func() error {
+		select {
+		case <-d.done:
+			return fmt.Errorf("exited: %w", d.err)
+		default:
+		}
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+	if err != nil {
+		t.Fatalf("the README's RootlessKit command did not bring containerd up: %v\n%s", err, d.out)
+	}
+	pid := d.cmd.Process.Pid
+	d.children = childrenOf(pid)
+	var names []string
+	for child, cmdline := range d.children {
+		names = append(names, fmt.Sprintf("%d %.40s", child, strings.ReplaceAll(cmdline, "\x00", " ")))
+	}
+	t.Logf("RootlessKit pid %d, children: %s", pid, strings.Join(names, "; "))
+	return d
+}
+
+// childrenOf returns the child processes of pid with their command lines.
+func childrenOf(pid int) map[int]string {
+	children := map[int]string{}
+	// A Go program forks from any of its threads: ask each.
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, task := range tasks {
+		kids, err := os.ReadFile(task)
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, f := range strings.Fields(string(kids)) {
+			var child int
+			if _, err := fmt.Sscan(f, &child); err == nil {
+				children[child] = cmdlineOf(child)
+			}
+		}
+	}
+	return children
+}
+
+func cmdlineOf(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	return string(b)
+}
+
+// user runs a script as the user and returns its output; it fails the test
+// on a non-zero exit.
+func (d *readmeContainerd) user(t *testing.T, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := d.r.user.Shell(ctx, d.env, script)
+	// At the deadline end the whole script (Shell gives it its own process
+	// group), not only sh: a hung nsenter or ctr would outlive the test.
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("as %s: %s\n%v\n%s\ncontainerd:\n%s", d.r.user.Name, script, err, out, d.out)
+	}
+	t.Logf("as %s:\n%s\n%s", d.r.user.Name, indent(script), indent(string(out)))
+	return string(out)
+}
+
+// stop sends SIGTERM to RootlessKit and waits for it and containerd.
+func (d *readmeContainerd) stop(t *testing.T) {
+	t.Helper()
+	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.done:
+	case <-time.After(60 * time.Second):
+		t.Fatalf("RootlessKit and containerd still run 60s after SIGTERM:\n%s", d.out)
+	}
+	d.reapChildren(t)
+}
+
+// reapChildren waits, with a deadline, for RootlessKit's children to end
+// after RootlessKit did; it fails the test for, and kills by PID, any that
+// outlived it.
+func (d *readmeContainerd) reapChildren(t *testing.T) {
+	t.Helper()
+	err := harness.Poll(15*time.Second, 100*time.Millisecond, func() error {
+		for pid, cmdline := range d.children {
+			if cmdline != "" && cmdlineOf(pid) == cmdline {
+				return fmt.Errorf("process %d (%s) outlived RootlessKit", pid, strings.ReplaceAll(cmdline, "\x00", " "))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Error(err)
+		for pid, cmdline := range d.children {
+			if cmdline != "" && cmdlineOf(pid) == cmdline {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+}
+
+// envWithout drops the named variables from env.
+func envWithout(env []string, names ...string) []string {
+	var out []string
+next:
+	for _, kv := range env {
+		for _, n := range names {
+			if strings.HasPrefix(kv, n+"=") {
+				continue next
+			}
+		}
+		out = append(out, kv)
+	}
+	return out
+}
