@@ -228,22 +228,23 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if info.Kind != snapshots.KindActive {
 			return fmt.Errorf("snapshot %q is not active: %w", key, errdefs.ErrFailedPrecondition)
 		}
-		// containerd's store would link a snapshot committed onto its own
-		// name as its own parent: a cycle every later walk of the chain
-		// would loop on.
+		// base holds what the options set, the parent given at commit among it.
 		var base snapshots.Info
 		for _, opt := range opts {
 			if err := opt(&base); err != nil {
 				return err
 			}
 		}
+		// containerd's store would link a snapshot committed onto its own
+		// name as its own parent: a cycle every later walk of the chain
+		// would loop on.
 		if base.Parent != "" && (base.Parent == name || base.Parent == key) {
 			if _, _, _, err := storage.GetInfo(ctx, name); err == nil {
 				return fmt.Errorf("commit %q as %q: %w", key, name, errdefs.ErrAlreadyExists)
 			}
 			return fmt.Errorf("commit %q as %q onto %q: a snapshot cannot be its own parent: %w", key, name, base.Parent, errdefs.ErrInvalidArgument)
 		}
-		if err := o.finishUnpack(ctx, id, key, name, info, opts); err != nil {
+		if err := o.finishUnpack(ctx, id, key, name, info, base.Parent); err != nil {
 			return err
 		}
 		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))

@@ -10,11 +10,12 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 // The model test drives the snapshotter with random operations and checks
@@ -483,13 +484,7 @@ func shrink(ops []modelOp, fails func([]modelOp) int) []modelOp {
 // against the model, with synchronous and asynchronous remove. The seed is
 // printed; FOSNAP_MODEL_SEED replays one.
 func TestModel(t *testing.T) {
-	seed := time.Now().UnixNano()
-	if s := os.Getenv("FOSNAP_MODEL_SEED"); s != "" {
-		var err error
-		if seed, err = strconv.ParseInt(s, 10, 64); err != nil {
-			t.Fatal(err)
-		}
-	}
+	seed := testutil.Seed(t, "FOSNAP_MODEL_SEED")
 	n := 5000
 	if s := os.Getenv("FOSNAP_MODEL_OPS"); s != "" {
 		var err error
@@ -497,7 +492,7 @@ func TestModel(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	t.Logf("seed %d (FOSNAP_MODEL_SEED=%d replays it), %d operations per mode", seed, seed, n)
+	t.Logf("%d operations per mode", n)
 	for _, async := range []bool{false, true} {
 		t.Run(fmt.Sprintf("async=%v", async), func(t *testing.T) {
 			rnd := rand.New(rand.NewSource(seed))

@@ -21,23 +21,18 @@ import (
 // implied get the metadata of the lower ones; a layer that stays without
 // parent loses the whiteouts that would hide nothing. It runs before the
 // commit is stored and can run again, so a refused commit loses nothing.
-func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, info snapshots.Info, opts []snapshots.Opt) error {
+// commitParent is the parent named at Commit (snapshots.WithParent), if any.
+func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, info snapshots.Info, commitParent string) error {
 	stateFile := layer.StateFile(o.root.snapshotDir(id))
 	if !layer.HasState(stateFile) {
 		return nil
 	}
-	var base snapshots.Info
-	for _, opt := range opts {
-		if err := opt(&base); err != nil {
-			return err
-		}
-	}
 	parent := info.Parent
 	switch {
 	case parent == "":
-		parent = base.Parent
-	case base.Parent != "" && base.Parent != parent:
-		return fmt.Errorf("cannot change parent of active snapshot %q from %q to %q on commit: %w", key, parent, base.Parent, errdefs.ErrInvalidArgument)
+		parent = commitParent
+	case commitParent != "" && commitParent != parent:
+		return fmt.Errorf("cannot change parent of active snapshot %q from %q to %q on commit: %w", key, parent, commitParent, errdefs.ErrInvalidArgument)
 	}
 	// Refuse what the commit would refuse before touching the layer.
 	if _, _, _, err := storage.GetInfo(ctx, name); err == nil {

@@ -285,15 +285,8 @@ func storeState(root string) (map[string]snapshots.Kind, error) {
 // the store knows remain; after the restart pulls and runs work; and no
 // mount or process is left. FOSNAP_CRASH_SEED replays a run.
 func TestCrashConsistency(t *testing.T) {
-	seed := time.Now().UnixNano()
-	if s := os.Getenv("FOSNAP_CRASH_SEED"); s != "" {
-		var err error
-		if seed, err = strconv.ParseInt(s, 10, 64); err != nil {
-			t.Fatal(err)
-		}
-	}
+	seed := testutil.Seed(t, "FOSNAP_CRASH_SEED")
 	rounds := 30
-	t.Logf("seed %d (FOSNAP_CRASH_SEED=%d replays it), %d rounds", seed, seed, rounds)
 	rnd := rand.New(rand.NewSource(seed))
 	e := newEnv(t)
 	refs := []string{e.fx.refs[e.fx.features.Repo], e.fx.refs[e.fx.pause.Repo]}

@@ -114,7 +114,7 @@ func TestRootlessReadme(t *testing.T) {
 		t.Fatalf("README.md changed: the client block does not start with rl() and CONTAINERD_ADDRESS:\n%s", client)
 	}
 	rl := lines[0] + "\n" + lines[1]
-	env := append([]string{"HOME=" + home, "XDG_RUNTIME_DIR=" + runtimeDir}, envWithout(r.env, "HOME", "XDG_RUNTIME_DIR", innerEnv)...)
+	env := append([]string{"HOME=" + home, "XDG_RUNTIME_DIR=" + runtimeDir}, harness.EnvWithout(r.env, "HOME", "XDG_RUNTIME_DIR", innerEnv)...)
 
 	cfgDir := filepath.Join(home, ".config", "containerd")
 	writeUserFile := func(path string, data []byte) {
@@ -410,19 +410,4 @@ func (d *readmeContainerd) reapChildren(t *testing.T) {
 			}
 		}
 	}
-}
-
-// envWithout drops the named variables from env.
-func envWithout(env []string, names ...string) []string {
-	var out []string
-next:
-	for _, kv := range env {
-		for _, n := range names {
-			if strings.HasPrefix(kv, n+"=") {
-				continue next
-			}
-		}
-		out = append(out, kv)
-	}
-	return out
 }

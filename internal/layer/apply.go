@@ -566,6 +566,22 @@ func (a *applier) resolveDir(rel string, create bool) (string, error) {
 	comps := splitRel(rel)
 	cur := ""
 	hops := 0
+	// follow continues the walk at the target of the symlink at link,
+	// from the layer's root when the target is absolute.
+	follow := func(link string) error {
+		if hops++; hops > maxSymlinkHops {
+			return errno("resolve", rel, unix.ELOOP)
+		}
+		target, err := os.Readlink(link)
+		if err != nil {
+			return err
+		}
+		if strings.HasPrefix(target, "/") {
+			cur = ""
+		}
+		comps = append(splitRel(strings.Trim(target, "/")), comps...)
+		return nil
+	}
 	for len(comps) > 0 {
 		c := comps[0]
 		comps = comps[1:]
@@ -589,17 +605,9 @@ func (a *applier) resolveDir(rel string, create bool) (string, error) {
 				cur = next
 				continue
 			case unix.S_IFLNK:
-				if hops++; hops > maxSymlinkHops {
-					return "", errno("resolve", rel, unix.ELOOP)
-				}
-				target, err := os.Readlink(up)
-				if err != nil {
+				if err := follow(up); err != nil {
 					return "", err
 				}
-				if strings.HasPrefix(target, "/") {
-					cur = ""
-				}
-				comps = append(splitRel(strings.Trim(target, "/")), comps...)
 				continue
 			default:
 				return "", errno("resolve", next, unix.ENOTDIR)
@@ -630,17 +638,9 @@ func (a *applier) resolveDir(rel string, create bool) (string, error) {
 				cur = next
 				continue
 			case unix.S_IFLNK:
-				if hops++; hops > maxSymlinkHops {
-					return "", errno("resolve", rel, unix.ELOOP)
-				}
-				target, err := os.Readlink(lp)
-				if err != nil {
+				if err := follow(lp); err != nil {
 					return "", err
 				}
-				if strings.HasPrefix(target, "/") {
-					cur = ""
-				}
-				comps = append(splitRel(strings.Trim(target, "/")), comps...)
 				continue
 			default:
 				return "", errno("resolve", next, unix.ENOTDIR)

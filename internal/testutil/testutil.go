@@ -26,6 +26,22 @@ func Unavailable(t testing.TB, format string, args ...any) {
 	t.Skipf(format, args...)
 }
 
+// Seed returns the seed for a randomised test: the value of the environment
+// variable env when set (to replay a run), else a new one. It logs which,
+// with how to replay it.
+func Seed(t testing.TB, env string) int64 {
+	t.Helper()
+	seed := time.Now().UnixNano()
+	if s := os.Getenv(env); s != "" {
+		var err error
+		if seed, err = strconv.ParseInt(s, 10, 64); err != nil {
+			t.Fatalf("%s=%q: %v", env, s, err)
+		}
+	}
+	t.Logf("seed %d (%s=%d replays it)", seed, env, seed)
+	return seed
+}
+
 // RequireRoot needs real root.
 func RequireRoot(t testing.TB) {
 	t.Helper()

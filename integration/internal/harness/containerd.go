@@ -181,7 +181,7 @@ func (c *Containerd) start(ctx context.Context) error {
 	cmd := exec.Command(filepath.Join(c.Bin, c.opts.Binary),
 		"--config", c.ConfigPath, "--root", c.Root, "--state", c.State,
 		"--address", c.Address, "--log-level", "debug")
-	cmd.Env = append(envWithout(os.Environ(), "PATH"), "PATH="+c.opts.Path)
+	cmd.Env = append(EnvWithout(os.Environ(), "PATH"), "PATH="+c.opts.Path)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	// Own process group: a ^C to the test must not kill containerd before
@@ -266,7 +266,7 @@ func (c *Containerd) LogTail(n int) string {
 }
 
 func (c *Containerd) env() []string {
-	return append(envWithout(os.Environ(), "PATH", "CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"),
+	return append(EnvWithout(os.Environ(), "PATH", "CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"),
 		"PATH="+SystemPath(c.Bin))
 }
 
@@ -342,7 +342,8 @@ func (c *Containerd) Sweep(ctx context.Context) ([]string, error) {
 	return removed, errors.Join(errs...)
 }
 
-func envWithout(env []string, names ...string) []string {
+// EnvWithout returns env without the named variables.
+func EnvWithout(env []string, names ...string) []string {
 	var out []string
 next:
 	for _, kv := range env {

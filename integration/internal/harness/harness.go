@@ -169,7 +169,7 @@ func BuildProbe(dir string) ([]byte, error) {
 	out := filepath.Join(dir, "probe")
 	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./integration/cmd/probe")
 	cmd.Dir = root
-	cmd.Env = append(envWithout(os.Environ(), "CGO_ENABLED", "GOOS"), "CGO_ENABLED=0", "GOOS=linux")
+	cmd.Env = append(EnvWithout(os.Environ(), "CGO_ENABLED", "GOOS"), "CGO_ENABLED=0", "GOOS=linux")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("build probe: %w\n%s", err, b)
 	}
