@@ -115,8 +115,11 @@ func TestParseIDMapping(t *testing.T) {
 		"0:1000:1":                  "0:1000:1",
 		"0:100000:65536":            "0:100000:65536",
 		"0:1000:1,1:100000:65536":   "0:1000:1:1:100000:65536",
-		"4294967295:0:1":            "4294967295:0:1",
-		"0:0:4294967295":            "0:0:4294967295",
+		"4294967294:0:1":            "4294967294:0:1",
+		"0:4294967294:1":            "0:4294967294:1",
+		"0:0:4294967295":            "0:0:4294967295", // last IDs 4294967294
+		"1:0:4294967294":            "1:0:4294967294",
+		"4294967290:4294967290:5":   "4294967290:4294967290:5",
 		"10:20:5,0:30:10,15:40:100": "10:20:5:0:30:10:15:40:100",
 	}
 	for in, want := range good {
@@ -140,10 +143,34 @@ func TestParseIDMapping(t *testing.T) {
 			t.Errorf("%q: got %v, want an invalid-argument error", in, err)
 		}
 	}
+	// ID 4294967295 is (uid_t)-1, which the kernel refuses in a uid_map or
+	// gid_map: no range may contain it, on either side.
+	for in, rng := range map[string]string{
+		"4294967295:0:1":         "4294967295:0:1",
+		"0:4294967295:1":         "0:4294967295:1",
+		"4294967291:0:5":         "4294967291:0:5",
+		"0:4294967291:5":         "0:4294967291:5",
+		"1:0:4294967295":         "1:0:4294967295",
+		"0:1:4294967295":         "0:1:4294967295",
+		"0:0:1,4294967295:1:1":   "4294967295:1:1",
+		"0:0:10,10:4294967290:6": "10:4294967290:6",
+	} {
+		_, err := ParseIDMapping(in)
+		if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), fmt.Sprintf("%q", rng)) || !strings.Contains(err.Error(), "4294967295") {
+			t.Errorf("%q: got %v, want an invalid-argument error naming range %q and ID 4294967295", in, err, rng)
+		}
+	}
+	// Through the labels, the error names the label.
+	for _, label := range []string{snapshots.LabelSnapshotUIDMapping, snapshots.LabelSnapshotGIDMapping} {
+		_, err := idMapOptions(map[string]string{label: "0:4294967295:1"})
+		if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), label) || !strings.Contains(err.Error(), "0:4294967295:1") {
+			t.Errorf("%s=0:4294967295:1: got %v, want an invalid-argument error naming the label and the range", label, err)
+		}
+	}
 }
 
 func FuzzParseIDMapping(f *testing.F) {
-	for _, s := range []string{"0:1000:1", "0:1000:1,1:100000:65536", "0:1:0", "a", "4294967295:0:1"} {
+	for _, s := range []string{"0:1000:1", "0:1000:1,1:100000:65536", "0:1:0", "a", "4294967295:0:1", "4294967294:0:1", "0:0:4294967295"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, in string) {
@@ -167,8 +194,10 @@ func FuzzParseIDMapping(f *testing.F) {
 		if err != nil || !reflect.DeepEqual(again, r) {
 			t.Fatalf("%q: second parse differs: %v %v", in, again, err)
 		}
+		// No accepted range reaches ID 4294967295 ((uid_t)-1) on either
+		// side: the last ID, start+size-1, is at most 4294967294.
 		for _, x := range r {
-			if x.Size == 0 || uint64(x.ContainerID)+uint64(x.Size) > 1<<32 || uint64(x.HostID)+uint64(x.Size) > 1<<32 {
+			if x.Size == 0 || uint64(x.ContainerID)+uint64(x.Size)-1 >= 1<<32-1 || uint64(x.HostID)+uint64(x.Size)-1 >= 1<<32-1 {
 				t.Fatalf("%q: accepted bad range %+v", in, x)
 			}
 		}

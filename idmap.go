@@ -26,8 +26,9 @@ type IDRange struct {
 // ParseIDMapping parses the value of containerd's ID-mapping snapshot labels
 // (containerd.io/snapshot/uidmapping and .../gidmapping): comma-separated
 // ranges of the form container:host:size, all decimal. It refuses empty
-// ranges, ranges that overflow 32 bits and ranges that overlap on either side,
-// with an error of class errdefs.ErrInvalidArgument.
+// ranges, ranges that reach ID 4294967295 ((uid_t)-1, which the kernel refuses
+// in an ID map) or beyond on either side, and ranges that overlap on either
+// side, with an error of class errdefs.ErrInvalidArgument.
 func ParseIDMapping(value string) ([]IDRange, error) {
 	if value == "" {
 		return nil, fmt.Errorf("empty ID mapping: %w", errdefs.ErrInvalidArgument)
@@ -54,8 +55,16 @@ func ParseIDMapping(value string) ([]IDRange, error) {
 		if r.Size == 0 {
 			return nil, fmt.Errorf("ID mapping range %d %q: size must be at least 1: %w", i+1, part, errdefs.ErrInvalidArgument)
 		}
-		if uint64(r.ContainerID)+uint64(r.Size) > math.MaxUint32+1 || uint64(r.HostID)+uint64(r.Size) > math.MaxUint32+1 {
-			return nil, fmt.Errorf("ID mapping range %d %q: range exceeds 32-bit IDs: %w", i+1, part, errdefs.ErrInvalidArgument)
+		// The last ID is start+size-1; ranges reaching (uid_t)-1 or beyond
+		// 32 bits are both refused.
+		for _, side := range []struct {
+			name  string
+			start uint32
+		}{{"container", r.ContainerID}, {"host", r.HostID}} {
+			if uint64(side.start)+uint64(r.Size)-1 >= math.MaxUint32 {
+				return nil, fmt.Errorf("ID mapping range %d %q: the %s side reaches ID %d ((uid_t)-1, which the kernel refuses in an ID map; the highest usable ID is %d): %w",
+					i+1, part, side.name, uint32(math.MaxUint32), uint32(math.MaxUint32-1), errdefs.ErrInvalidArgument)
+			}
 		}
 		for k, prev := range ranges {
 			if overlaps(prev.ContainerID, prev.Size, r.ContainerID, r.Size) {

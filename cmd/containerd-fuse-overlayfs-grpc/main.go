@@ -337,20 +337,17 @@ func checkRootFree(root string) error {
 	return unix.Flock(int(f.Fd()), unix.LOCK_UN)
 }
 
-// listen creates the socket with mode 0600 in a directory of mode 0700,
-// replacing a stale socket left by a server that died, but never one that
-// a live server answers on, nor a file that is not a socket.
+// listen creates the socket with mode 0600 in a directory of mode 0700
+// owned by the server's user, replacing a stale socket left by a server that
+// died, but never one that a live server answers on, nor a file that is not a
+// socket.
 func listen(path string) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create the socket directory: %w", err)
 	}
-	st, err := os.Stat(dir)
-	if err != nil {
+	if err := checkSocketDir(dir); err != nil {
 		return nil, err
-	}
-	if perm := st.Mode().Perm(); perm != 0o700 {
-		return nil, fmt.Errorf("socket directory %s has mode %04o, want 0700 so that only its owner can reach the socket: put the socket in a directory of its own (it is created with mode 0700), e.g. $XDG_RUNTIME_DIR/containerd-fuse-overlayfs/grpc.sock: %w", dir, perm, errdefs.ErrInvalidArgument)
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err
@@ -368,6 +365,37 @@ func listen(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("set the mode of %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// checkSocketDir refuses a socket directory that anyone but the server's
+// user could reach or change: it must be a directory itself (a symbolic link
+// is not followed: whoever can repoint it decides where the socket goes),
+// owned by the effective uid (its owner may change its mode, and replace or
+// connect to the socket), with mode 0700.
+func checkSocketDir(dir string) error {
+	const hint = "put the socket in a directory of its own (it is created with mode 0700), e.g. $XDG_RUNTIME_DIR/containerd-fuse-overlayfs/grpc.sock"
+	st, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("stat the socket directory %s: %w", dir, err)
+	}
+	if st.Mode()&os.ModeSymlink != 0 {
+		target, _ := os.Readlink(dir)
+		return fmt.Errorf("socket directory %s is a symbolic link (to %q), want a directory: give the directory's own path, or %s: %w", dir, target, hint, errdefs.ErrInvalidArgument)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("socket directory %s is not a directory (mode %v): %w", dir, st.Mode(), errdefs.ErrInvalidArgument)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("stat the socket directory %s: no owner in %T", dir, st.Sys())
+	}
+	if euid := os.Geteuid(); sys.Uid != uint32(euid) {
+		return fmt.Errorf("socket directory %s is owned by uid %d, want %d (the server's effective uid) so that no other user can reach or replace the socket: %s: %w", dir, sys.Uid, euid, hint, errdefs.ErrInvalidArgument)
+	}
+	if perm := st.Mode().Perm(); perm != 0o700 {
+		return fmt.Errorf("socket directory %s has mode %04o, want 0700 so that only its owner can reach the socket: %s: %w", dir, perm, hint, errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 func removeStale(path string) error {
