@@ -3,10 +3,14 @@
 // whiteouts as 0/0 character devices (or `.wh.NAME` files where mknod is
 // refused), opaque directories as an opaque xattr. It also finishes layers
 // that were applied before their parents were known (parallel unpack).
+//
+// Layers are hostile. Every filesystem call goes through a handle rooted in
+// the layer (fsat.go): names from the tar are resolved one component at a
+// time, symlinks are followed only inside the layer stack, and no path made
+// by joining the layer directory with a name reaches a path-based call.
 package layer
 
 import (
-	"errors"
 	"os"
 	"path"
 	"strings"
@@ -28,6 +32,11 @@ const (
 	whMetaPfx   = ".wh..wh."
 	whOpaqueTar = ".wh..wh..opq"
 )
+
+// maxRel bounds a path in the layer: deeper trees than PATH_MAX allows
+// would be unusable by every other tool (and containerd's own extraction
+// refuses them).
+const maxRel = unix.PathMax - 1
 
 // Forms says how whiteouts and opaque directories are written.
 type Forms struct {
@@ -60,6 +69,8 @@ func ProbeForms(dir string) Forms {
 	return f
 }
 
+// probeForms tries in a fresh directory of dir, a directory the
+// snapshotter made (no name from a layer is involved).
 func probeForms(dir string) Forms {
 	f := FallbackForms
 	tmp, err := os.MkdirTemp(dir, ".probe-")
@@ -67,8 +78,7 @@ func probeForms(dir string) Forms {
 		return f
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-	dev := tmp + "/wh"
-	if unix.Mknod(dev, unix.S_IFCHR, 0) == nil {
+	if unix.Mknod(tmp+"/wh", unix.S_IFCHR, 0) == nil {
 		f.DeviceWhiteouts = true
 	}
 	if unix.Lsetxattr(tmp, OpaqueXattrTrusted, []byte("y"), 0) == nil {
@@ -82,30 +92,15 @@ func isWhiteoutDev(st *unix.Stat_t) bool {
 	return st.Mode&unix.S_IFMT == unix.S_IFCHR && st.Rdev == 0
 }
 
-// isOpaque reports whether directory p (a real path) is marked opaque in any
-// of the forms fuse-overlayfs reads.
-func isOpaque(p string) bool {
-	var b [4]byte
+// isOpaque reports whether directory d is marked opaque in any of the forms
+// fuse-overlayfs reads.
+func isOpaque(d *dirFD) bool {
 	for _, x := range []string{OpaqueXattrTrusted, OpaqueXattrUser} {
-		if n, err := unix.Lgetxattr(p, x, b[:]); err == nil && n == 1 && b[0] == 'y' {
+		if v, err := d.getXattrSelf(x); err == nil && string(v) == "y" {
 			return true
 		}
 	}
-	var st unix.Stat_t
-	return unix.Lstat(p+"/"+whOpaqueTar, &st) == nil
-}
-
-// lstat returns the stat of p, or ok=false if it does not exist.
-func lstat(p string) (unix.Stat_t, bool, error) {
-	var st unix.Stat_t
-	err := unix.Lstat(p, &st)
-	if err == nil {
-		return st, true, nil
-	}
-	if errors.Is(err, unix.ENOENT) {
-		return st, false, nil
-	}
-	return st, false, &os.PathError{Op: "lstat", Path: p, Err: err}
+	return d.exists(whOpaqueTar)
 }
 
 // cleanRel turns a tar name into a path relative to the layer root that
@@ -128,62 +123,16 @@ func splitRel(rel string) []string {
 	return strings.Split(rel, "/")
 }
 
-// mergedLookup finds rel (cleaned, no symlinks to follow) in the stack of
-// layers, newest first, honouring whiteouts and opaque directories. It
-// returns the index of the layer holding it and its stat.
-func mergedLookup(layers []string, rel string) (int, unix.Stat_t, bool, error) {
-	comps := splitRel(rel)
-	if len(comps) == 0 {
-		st, ok, err := lstat(layers[0])
-		return 0, st, ok, err
+// splitDir splits a cleaned relative path into its directory and base.
+func splitDir(rel string) (string, string) {
+	i := strings.LastIndexByte(rel, '/')
+	if i < 0 {
+		return "", rel
 	}
-	for li, l := range layers {
-		stop := false
-		p := l
-		missing := false
-		for i, c := range comps {
-			parent := p
-			p = p + "/" + c
-			st, ok, err := lstat(p)
-			if err != nil {
-				return 0, st, false, err
-			}
-			if !ok {
-				if _, wh, _ := lstat(parent + "/" + whPrefix + c); wh {
-					return 0, st, false, nil
-				}
-				missing = true
-				break
-			}
-			if isWhiteoutDev(&st) {
-				return 0, st, false, nil
-			}
-			if i == len(comps)-1 {
-				return li, st, true, nil
-			}
-			if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-				// A non-directory hides whatever lower layers have below it.
-				return 0, st, false, nil
-			}
-			if isOpaque(p) {
-				stop = true
-			}
-		}
-		if missing && stop {
-			return 0, unix.Stat_t{}, false, nil
-		}
-	}
-	return 0, unix.Stat_t{}, false, nil
+	return rel[:i], rel[i+1:]
 }
 
-// errno wraps a syscall error as a PathError.
-func errno(op, p string, err error) error {
-	if err == nil {
-		return nil
-	}
-	var pe *os.PathError
-	if errors.As(err, &pe) {
-		return err
-	}
-	return &os.PathError{Op: op, Path: p, Err: err}
+// under reports whether p is dir or lies below it.
+func under(p, dir string) bool {
+	return dir == "" || p == dir || strings.HasPrefix(p, dir+"/")
 }
