@@ -57,5 +57,13 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
 	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs, snapshots.RebaseCap)
-	return fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
+	sn, err := fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
+	if err != nil {
+		// Skipped, not failed: containerd's metadata plugin refuses to load
+		// when any snapshotter fails with another error, and every service
+		// goes with it. A root that another process holds is the usual
+		// case; containerd runs on without this snapshotter.
+		return nil, fmt.Errorf("%w: fuse-overlayfs snapshotter: %w", plugin.ErrSkipPlugin, err)
+	}
+	return sn, nil
 }
