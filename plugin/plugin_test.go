@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -89,6 +90,9 @@ func TestInitSkipsWithoutFuseOverlayfs(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "fuse-overlayfs was not found on PATH") || !strings.Contains(err.Error(), "apt-get install fuse-overlayfs") {
 		t.Fatalf("message does not say what to install: %v", err)
+	}
+	if !errors.Is(err, exec.ErrNotFound) || !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("error %v lost its cause (exec.ErrNotFound) or class (failed precondition)", err)
 	}
 }
 
