@@ -22,6 +22,11 @@ type HostInfo struct {
 	Version string
 	// MountHelper is the path of the mount.fuse3 helper on PATH.
 	MountHelper string
+	// OpenFiles is the open-files limit (RLIMIT_NOFILE) the probe's
+	// fuse-overlayfs server ran with; every server the snapshotter starts
+	// gets the same. Check logs a warning when it is under 65536. 0 when it
+	// could not be read.
+	OpenFiles uint64
 }
 
 // ErrUnsupported is wrapped by every error the host checks return. Those
@@ -37,7 +42,8 @@ var fuseDevice = "/dev/fuse"
 // Supported reports whether this host can run the snapshotter with its data
 // under root: fuse-overlayfs and the mount.fuse3 helper on PATH, /dev/fuse
 // usable, and a probe overlay mounted inside root. The error says what to
-// install or fix.
+// install or fix. A low open-files limit is not an error; it is logged as a
+// warning (see HostInfo.OpenFiles).
 func Supported(root string) error {
 	_, err := Check(root)
 	return err
@@ -56,9 +62,10 @@ func Check(root string) (HostInfo, error) {
 	if err := checkFuseDevice(); err != nil {
 		return info, err
 	}
-	if err := probeMount(root); err != nil {
+	if info.OpenFiles, err = probeMount(root); err != nil {
 		return info, err
 	}
+	warnOpenFiles(info.OpenFiles)
 	return info, nil
 }
 
@@ -111,14 +118,15 @@ func checkFuseDevice() error {
 }
 
 // probeMount mounts a read-only overlay of two lower directories inside root,
-// the way containers will get them, reads a file of each, and unmounts.
-func probeMount(root string) (err error) {
+// the way containers will get them, reads a file of each, and unmounts. It
+// returns the open-files limit of the fuse-overlayfs server it started.
+func probeMount(root string) (openFiles uint64, err error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
-		return unsupported(err, "cannot create the snapshotter root %s", root)
+		return 0, unsupported(err, "cannot create the snapshotter root %s", root)
 	}
 	dir, err := os.MkdirTemp(root, ".probe-")
 	if err != nil {
-		return unsupported(err, "cannot create a probe directory in %s: the root must be a writable directory", root)
+		return 0, unsupported(err, "cannot create a probe directory in %s: the root must be a writable directory", root)
 	}
 	defer func() {
 		if rerr := os.RemoveAll(dir); rerr != nil && err == nil {
@@ -128,18 +136,18 @@ func probeMount(root string) (err error) {
 	lower1, lower2, target := filepath.Join(dir, "l1"), filepath.Join(dir, "l2"), filepath.Join(dir, "m")
 	for _, d := range []string{lower1, lower2, target} {
 		if err := os.Mkdir(d, 0o755); err != nil {
-			return unsupported(err, "cannot prepare the probe mount in %s", dir)
+			return 0, unsupported(err, "cannot prepare the probe mount in %s", dir)
 		}
 	}
 	if err := os.WriteFile(filepath.Join(lower1, "a"), []byte("1"), 0o644); err != nil {
-		return unsupported(err, "cannot write in %s", dir)
+		return 0, unsupported(err, "cannot write in %s", dir)
 	}
 	if err := os.WriteFile(filepath.Join(lower2, "b"), []byte("2"), 0o644); err != nil {
-		return unsupported(err, "cannot write in %s", dir)
+		return 0, unsupported(err, "cannot write in %s", dir)
 	}
 	m := mount.Mount{Type: MountType, Source: "overlay", Options: []string{"lowerdir=" + lower2 + ":" + lower1}}
 	if err := m.Mount(target); err != nil {
-		return unsupported(err, "probe mount of fuse-overlayfs in %s failed: the kernel must allow FUSE mounts here (inside a user namespace it needs Linux 4.18 or newer) and the backing filesystem must support what fuse-overlayfs needs", root)
+		return 0, unsupported(err, "probe mount of fuse-overlayfs in %s failed: the kernel must allow FUSE mounts here (inside a user namespace it needs Linux 4.18 or newer) and the backing filesystem must support what fuse-overlayfs needs", root)
 	}
 	defer func() {
 		if uerr := unmount(target); uerr != nil && err == nil {
@@ -149,10 +157,10 @@ func probeMount(root string) (err error) {
 	for name, want := range map[string]string{"a": "1", "b": "2"} {
 		got, err := os.ReadFile(filepath.Join(target, name))
 		if err != nil || string(got) != want {
-			return unsupported(err, "probe mount of fuse-overlayfs in %s does not show its lower directories (reading %s gave %q, want %q)", root, name, got, want)
+			return 0, unsupported(err, "probe mount of fuse-overlayfs in %s does not show its lower directories (reading %s gave %q, want %q)", root, name, got, want)
 		}
 	}
-	return nil
+	return serverOpenFiles(target), nil
 }
 
 // unmount unmounts target, detaching it lazily when it is busy so the probe

@@ -51,7 +51,9 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 		// `ctr plugins ls -d` shows the reason.
 		return nil, fmt.Errorf("%w: %w", plugin.ErrSkipPlugin, err)
 	}
-	log.G(ic.Context).WithField("fuse-overlayfs", info.FuseOverlayfs).WithField("version", info.Version).WithField("root", root).Info("fuse-overlayfs snapshotter ready")
+	log.G(ic.Context).WithFields(log.Fields{
+		"fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "root": root, "open-files": info.OpenFiles,
+	}).Info("fuse-overlayfs snapshotter ready")
 
 	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root

@@ -273,7 +273,7 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	go func() { served <- srv.Serve(l) }()
 
 	log.G(ctx).WithFields(log.Fields{
-		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version,
+		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "open-files": info.OpenFiles,
 	}).Info("serving the fuse-overlayfs snapshotter")
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot tell systemd that the service is ready")
