@@ -1,11 +1,5 @@
-// Package fuseoverlayfs is a containerd snapshotter that keeps each layer as a
-// plain directory and hands out overlay mounts served by the fuse-overlayfs
-// program, for hosts where the kernel's overlayfs cannot be used (rootless
-// containerd on older kernels, nested containers, unusual backing
-// filesystems).
-//
-// The package holds no plugin registration; import the plugin subpackage to
-// build it into containerd.
+//go:build linux
+
 package fuseoverlayfs
 
 import (
@@ -27,34 +21,6 @@ import (
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 )
-
-// SnapshotterConfig holds what the options set.
-type SnapshotterConfig struct {
-	asyncRemove  bool
-	mountOptions []string
-}
-
-// Opt configures the snapshotter.
-type Opt func(*SnapshotterConfig) error
-
-// AsynchronousRemove makes Remove drop only the metadata; the directory is
-// deleted by the next Cleanup.
-func AsynchronousRemove(c *SnapshotterConfig) error {
-	c.asyncRemove = true
-	return nil
-}
-
-// WithMountOptions adds fuse-overlayfs options to every overlay mount (not to
-// bind mounts). The options are validated with ValidateMountOptions.
-func WithMountOptions(options []string) Opt {
-	return func(c *SnapshotterConfig) error {
-		if err := ValidateMountOptions(options); err != nil {
-			return err
-		}
-		c.mountOptions = append(c.mountOptions, options...)
-		return nil
-	}
-}
 
 type snapshotter struct {
 	root        layout
