@@ -51,10 +51,6 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 		// `ctr plugins ls -d` shows the reason.
 		return nil, fmt.Errorf("%w: %w", plugin.ErrSkipPlugin, err)
 	}
-	log.G(ic.Context).WithFields(log.Fields{
-		"fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "root": root, "open-files": info.OpenFiles,
-	}).Info("fuse-overlayfs snapshotter ready")
-
 	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
@@ -67,5 +63,8 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 		// case; containerd runs on without this snapshotter.
 		return nil, fmt.Errorf("%w: fuse-overlayfs snapshotter: %w", plugin.ErrSkipPlugin, err)
 	}
+	log.G(ic.Context).WithFields(log.Fields{
+		"fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "root": root, "open-files": info.OpenFiles,
+	}).Info("fuse-overlayfs snapshotter ready")
 	return sn, nil
 }
