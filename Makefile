@@ -26,8 +26,11 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "deps: host packages present"; fi
 
+# The packages a library user imports must also compile on other systems
+# (where they return "only Linux is supported").
 vet:
 	$(GO) vet ./...
+	GOOS=darwin $(GO) vet . ./plugin/
 
 # Library and plugin tests, containerd's snapshotter suite included (root and
 # FUSE needed; in CI a missing prerequisite fails the run).

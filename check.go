@@ -1,3 +1,5 @@
+//go:build linux
+
 package fuseoverlayfs
 
 import (
@@ -10,21 +12,9 @@ import (
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
-
-// HostInfo describes what the host checks found.
-type HostInfo struct {
-	// FuseOverlayfs is the path of the fuse-overlayfs program on PATH.
-	FuseOverlayfs string
-	// Version is what fuse-overlayfs reports as its version, e.g. "1.10".
-	Version string
-	// MountHelper is the path of the mount.fuse3 helper on PATH.
-	MountHelper string
-}
-
-// ErrUnsupported is wrapped by every error the host checks return.
-var ErrUnsupported = errors.New("fuse-overlayfs snapshotter cannot run on this host")
 
 // fuseDevice is a variable so tests can point the device check elsewhere.
 var fuseDevice = "/dev/fuse"
@@ -32,7 +22,8 @@ var fuseDevice = "/dev/fuse"
 // Supported reports whether this host can run the snapshotter with its data
 // under root: fuse-overlayfs and the mount.fuse3 helper on PATH, /dev/fuse
 // usable, and a probe overlay mounted inside root. The error says what to
-// install or fix.
+// install or fix. A low open-files limit is not an error; it is logged as a
+// warning (see HostInfo.OpenFiles).
 func Supported(root string) error {
 	_, err := Check(root)
 	return err
@@ -46,102 +37,110 @@ func Check(root string) (HostInfo, error) {
 		return info, err
 	}
 	if info.MountHelper, err = exec.LookPath("mount.fuse3"); err != nil {
-		return info, unsupported("the mount helper mount.fuse3 was not found on PATH (%s): install fuse3 (Debian/Ubuntu: apt-get install fuse3) and make sure its directory, usually /usr/sbin or /sbin, is on PATH", os.Getenv("PATH"))
+		return info, unsupported(err, "the mount helper mount.fuse3 was not found on PATH (%s): install fuse3 (Debian/Ubuntu: apt-get install fuse3) and make sure its directory, usually /usr/sbin or /sbin, is on PATH", os.Getenv("PATH"))
 	}
 	if err := checkFuseDevice(); err != nil {
 		return info, err
 	}
-	if err := probeMount(root); err != nil {
+	if info.OpenFiles, err = probeMount(root); err != nil {
 		return info, err
 	}
+	warnOpenFiles(info.OpenFiles)
 	return info, nil
 }
 
-func unsupported(format string, args ...any) error {
-	return fmt.Errorf("%w: "+format, append([]any{ErrUnsupported}, args...)...)
+// unsupported builds a host-check error: ErrUnsupported, the message, the
+// class errdefs.ErrFailedPrecondition and, when there is one, the cause.
+func unsupported(cause error, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if cause == nil {
+		return fmt.Errorf("%w: %s: %w", ErrUnsupported, msg, errdefs.ErrFailedPrecondition)
+	}
+	return fmt.Errorf("%w: %s: %w: %w", ErrUnsupported, msg, errdefs.ErrFailedPrecondition, cause)
 }
 
 func findFuseOverlayfs() (path, version string, err error) {
 	path, err = exec.LookPath("fuse-overlayfs")
 	if err != nil {
-		return "", "", unsupported("fuse-overlayfs was not found on PATH (%s): install it (Debian/Ubuntu: apt-get install fuse-overlayfs; Fedora: dnf install fuse-overlayfs)", os.Getenv("PATH"))
+		return "", "", unsupported(err, "fuse-overlayfs was not found on PATH (%s): install it (Debian/Ubuntu: apt-get install fuse-overlayfs; Fedora: dnf install fuse-overlayfs)", os.Getenv("PATH"))
 	}
 	out, err := exec.Command(path, "--version").CombinedOutput()
 	if err != nil {
-		return path, "", unsupported("%s --version failed: %v: %s: reinstall fuse-overlayfs", path, err, bytes.TrimSpace(out))
+		return path, "", unsupported(err, "%s --version failed (output %q): reinstall fuse-overlayfs", path, bytes.TrimSpace(out))
 	}
 	for _, line := range strings.Split(string(out), "\n") {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "fuse-overlayfs: version "); ok {
 			return path, strings.TrimSpace(v), nil
 		}
 	}
-	return path, "", unsupported("%s --version did not print a version (%q): is it really fuse-overlayfs?", path, bytes.TrimSpace(out))
+	return path, "", unsupported(nil, "%s --version did not print a version (%q): is it really fuse-overlayfs?", path, bytes.TrimSpace(out))
 }
 
 func checkFuseDevice() error {
 	st, err := os.Stat(fuseDevice)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return unsupported("%s does not exist: load the fuse kernel module (modprobe fuse; the kernel needs CONFIG_FUSE_FS), or in a container pass the device in (--device /dev/fuse)", fuseDevice)
+			return unsupported(err, "%s does not exist: load the fuse kernel module (modprobe fuse; the kernel needs CONFIG_FUSE_FS), or in a container pass the device in (--device /dev/fuse)", fuseDevice)
 		}
-		return unsupported("cannot stat %s: %v", fuseDevice, err)
+		return unsupported(err, "cannot stat %s", fuseDevice)
 	}
 	if st.Mode()&os.ModeCharDevice == 0 {
-		return unsupported("%s is not a character device (mode %v): recreate it with mknod %s c 10 229", fuseDevice, st.Mode(), fuseDevice)
+		return unsupported(nil, "%s is not a character device (mode %v): recreate it with mknod %s c 10 229", fuseDevice, st.Mode(), fuseDevice)
 	}
 	f, err := os.OpenFile(fuseDevice, os.O_RDWR, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrPermission) {
-			return unsupported("cannot open %s read-write as uid %d (mode %v): give it mode 0666 as distributions do (chmod 0666 %s), or run as a user that may open it", fuseDevice, os.Getuid(), st.Mode().Perm(), fuseDevice)
+			return unsupported(err, "cannot open %s read-write as uid %d (mode %v): give it mode 0666 as distributions do (chmod 0666 %s), or run as a user that may open it", fuseDevice, os.Getuid(), st.Mode().Perm(), fuseDevice)
 		}
-		return unsupported("cannot open %s: %v", fuseDevice, err)
+		return unsupported(err, "cannot open %s", fuseDevice)
 	}
 	return f.Close()
 }
 
 // probeMount mounts a read-only overlay of two lower directories inside root,
-// the way containers will get them, reads a file of each, and unmounts.
-func probeMount(root string) (err error) {
+// the way containers will get them, reads a file of each, and unmounts. It
+// returns the open-files limit of the fuse-overlayfs server it started.
+func probeMount(root string) (openFiles uint64, err error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
-		return unsupported("cannot create the snapshotter root %s: %v", root, err)
+		return 0, unsupported(err, "cannot create the snapshotter root %s", root)
 	}
 	dir, err := os.MkdirTemp(root, ".probe-")
 	if err != nil {
-		return unsupported("cannot create a probe directory in %s: %v: the root must be a writable directory", root, err)
+		return 0, unsupported(err, "cannot create a probe directory in %s: the root must be a writable directory", root)
 	}
 	defer func() {
 		if rerr := os.RemoveAll(dir); rerr != nil && err == nil {
-			err = unsupported("cannot remove the probe directory %s: %v", dir, rerr)
+			err = unsupported(rerr, "cannot remove the probe directory %s", dir)
 		}
 	}()
 	lower1, lower2, target := filepath.Join(dir, "l1"), filepath.Join(dir, "l2"), filepath.Join(dir, "m")
 	for _, d := range []string{lower1, lower2, target} {
 		if err := os.Mkdir(d, 0o755); err != nil {
-			return unsupported("cannot prepare the probe mount in %s: %v", dir, err)
+			return 0, unsupported(err, "cannot prepare the probe mount in %s", dir)
 		}
 	}
 	if err := os.WriteFile(filepath.Join(lower1, "a"), []byte("1"), 0o644); err != nil {
-		return unsupported("cannot write in %s: %v", dir, err)
+		return 0, unsupported(err, "cannot write in %s", dir)
 	}
 	if err := os.WriteFile(filepath.Join(lower2, "b"), []byte("2"), 0o644); err != nil {
-		return unsupported("cannot write in %s: %v", dir, err)
+		return 0, unsupported(err, "cannot write in %s", dir)
 	}
 	m := mount.Mount{Type: MountType, Source: "overlay", Options: []string{"lowerdir=" + lower2 + ":" + lower1}}
 	if err := m.Mount(target); err != nil {
-		return unsupported("probe mount of fuse-overlayfs in %s failed: %v: the kernel must allow FUSE mounts here (inside a user namespace it needs Linux 4.18 or newer) and the backing filesystem must support what fuse-overlayfs needs", root, err)
+		return 0, unsupported(err, "probe mount of fuse-overlayfs in %s failed: the kernel must allow FUSE mounts here (inside a user namespace it needs Linux 4.18 or newer) and the backing filesystem must support what fuse-overlayfs needs", root)
 	}
 	defer func() {
 		if uerr := unmount(target); uerr != nil && err == nil {
-			err = unsupported("cannot unmount the probe mount %s: %v", target, uerr)
+			err = unsupported(uerr, "cannot unmount the probe mount %s", target)
 		}
 	}()
 	for name, want := range map[string]string{"a": "1", "b": "2"} {
 		got, err := os.ReadFile(filepath.Join(target, name))
 		if err != nil || string(got) != want {
-			return unsupported("probe mount of fuse-overlayfs in %s does not show its lower directories (reading %s: %q, %v)", root, name, got, err)
+			return 0, unsupported(err, "probe mount of fuse-overlayfs in %s does not show its lower directories (reading %s gave %q, want %q)", root, name, got, want)
 		}
 	}
-	return nil
+	return serverOpenFiles(target), nil
 }
 
 // unmount unmounts target, detaching it lazily when it is busy so the probe

@@ -1,6 +1,7 @@
 package fuseoverlayfs
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -57,7 +58,7 @@ var reservedOptions = map[string]bool{
 func ValidateMountOptions(options []string) error {
 	for _, o := range options {
 		if err := validateMountOption(o); err != nil {
-			return fmt.Errorf("mount option %q: %s: %w", o, err.Error(), errdefs.ErrInvalidArgument)
+			return fmt.Errorf("mount option %q: %w: %w", o, errdefs.ErrInvalidArgument, err)
 		}
 	}
 	return nil
@@ -65,19 +66,19 @@ func ValidateMountOptions(options []string) error {
 
 func validateMountOption(o string) error {
 	if o == "" {
-		return fmt.Errorf("empty option")
+		return errors.New("empty option")
 	}
 	for _, c := range o {
 		switch {
 		case c == ',':
-			return fmt.Errorf("',' separates options; give each option as its own list item")
+			return errors.New("',' separates options; give each option as its own list item")
 		case c < 0x20 || c == 0x7f || c == ' ':
-			return fmt.Errorf("contains a space or control character")
+			return errors.New("contains a space or control character")
 		}
 	}
 	key, _, _ := strings.Cut(o, "=")
 	if key == "" {
-		return fmt.Errorf("option has no name before '='")
+		return errors.New("option has no name before '='")
 	}
 	for _, c := range key {
 		if (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (c < '0' || c > '9') && c != '_' && c != '-' {

@@ -1,11 +1,5 @@
-// Package fuseoverlayfs is a containerd snapshotter that keeps each layer as a
-// plain directory and hands out overlay mounts served by the fuse-overlayfs
-// program, for hosts where the kernel's overlayfs cannot be used (rootless
-// containerd on older kernels, nested containers, unusual backing
-// filesystems).
-//
-// The package holds no plugin registration; import the plugin subpackage to
-// build it into containerd.
+//go:build linux
+
 package fuseoverlayfs
 
 import (
@@ -13,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -22,35 +18,9 @@ import (
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
-
-// SnapshotterConfig holds what the options set.
-type SnapshotterConfig struct {
-	asyncRemove  bool
-	mountOptions []string
-}
-
-// Opt configures the snapshotter.
-type Opt func(*SnapshotterConfig) error
-
-// AsynchronousRemove makes Remove drop only the metadata; the directory is
-// deleted by the next Cleanup.
-func AsynchronousRemove(c *SnapshotterConfig) error {
-	c.asyncRemove = true
-	return nil
-}
-
-// WithMountOptions adds fuse-overlayfs options to every overlay mount (not to
-// bind mounts). The options are validated with ValidateMountOptions.
-func WithMountOptions(options []string) Opt {
-	return func(c *SnapshotterConfig) error {
-		if err := ValidateMountOptions(options); err != nil {
-			return err
-		}
-		c.mountOptions = append(c.mountOptions, options...)
-		return nil
-	}
-}
 
 type snapshotter struct {
 	root        layout
@@ -99,9 +69,9 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
 	}
-	ms, err := storage.NewMetaStore(string(l) + "/metadata.db")
+	ms, err := openMetaStore(root)
 	if err != nil {
-		return nil, fmt.Errorf("open metadata store: %w", err)
+		return nil, err
 	}
 	o := &snapshotter{root: l, ms: ms, asyncRemove: config.asyncRemove, options: config.mountOptions}
 	if err := o.recoverRoot(context.Background()); err != nil {
@@ -109,6 +79,39 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 		return nil, fmt.Errorf("recover snapshotter root %s: %w", root, err)
 	}
 	return o, nil
+}
+
+// metaStoreTimeout bounds the wait for the metadata store's lock. bbolt holds
+// an exclusive flock on metadata.db while the store is open and, without a
+// timeout, waits for it forever: a second containerd or proxy server on the
+// same root would hang at start. A few seconds cover a handover where the
+// previous holder is still closing; a live holder never lets go, so a longer
+// wait would only delay the error.
+const metaStoreTimeout = 5 * time.Second
+
+// openMetaStore opens containerd's metadata store in root and takes its lock
+// at once (the store itself would open the database lazily, at its first
+// transaction), so that nothing in the root is touched unless this process
+// owns it. A root another process holds fails with errdefs.ErrUnavailable.
+func openMetaStore(root string) (*storage.MetaStore, error) {
+	path := filepath.Join(root, "metadata.db")
+	ms, err := storage.NewMetaStore(path, func(o *bolt.Options) error {
+		o.Timeout = metaStoreTimeout
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open metadata store %s: %w", path, err)
+	}
+	err = ms.WithTransaction(context.Background(), false, func(context.Context) error { return nil })
+	if err == nil {
+		return ms, nil
+	}
+	_ = ms.Close()
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("open metadata store: snapshotter root %s is in use by another process (a containerd with the fuse-overlayfs plugin or a containerd-fuse-overlayfs-grpc server holds the lock on %s; waited %s): %w: %w",
+			root, path, metaStoreTimeout, errdefs.ErrUnavailable, err)
+	}
+	return nil, fmt.Errorf("open metadata store %s: %w", path, err)
 }
 
 // validateRoot refuses roots whose path would break fuse-overlayfs' option

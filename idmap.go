@@ -1,6 +1,7 @@
 package fuseoverlayfs
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
@@ -47,7 +48,7 @@ func ParseIDMapping(value string) ([]IDRange, error) {
 		for j, f := range fields {
 			n, err := parseID(f)
 			if err != nil {
-				return nil, fmt.Errorf("ID mapping range %d %q: %s: %w", i+1, part, err.Error(), errdefs.ErrInvalidArgument)
+				return nil, fmt.Errorf("ID mapping range %d %q: %w: %w", i+1, part, errdefs.ErrInvalidArgument, err)
 			}
 			nums[j] = n
 		}
@@ -79,20 +80,16 @@ func ParseIDMapping(value string) ([]IDRange, error) {
 	return ranges, nil
 }
 
-// parseID accepts plain decimal digits only: strconv alone would also take
-// signs, which a label has no business carrying.
+// parseID accepts plain decimal digits only. strconv.ParseUint in base 10
+// already refuses signs, spaces, '_' and prefixes; its error is kept as the
+// cause (strconv.ErrSyntax or strconv.ErrRange).
 func parseID(s string) (uint32, error) {
-	if s == "" {
-		return 0, fmt.Errorf("empty number")
-	}
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return 0, fmt.Errorf("%q is not a decimal number", s)
-		}
-	}
 	n, err := strconv.ParseUint(s, 10, 32)
-	if err != nil {
-		return 0, fmt.Errorf("%q is out of range for a 32-bit ID", s)
+	switch {
+	case errors.Is(err, strconv.ErrRange):
+		return 0, fmt.Errorf("%q is out of range for a 32-bit ID: %w", s, err)
+	case err != nil:
+		return 0, fmt.Errorf("%q is not a decimal number: %w", s, err)
 	}
 	return uint32(n), nil
 }

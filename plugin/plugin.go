@@ -51,11 +51,20 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 		// `ctr plugins ls -d` shows the reason.
 		return nil, fmt.Errorf("%w: %w", plugin.ErrSkipPlugin, err)
 	}
-	log.G(ic.Context).WithField("fuse-overlayfs", info.FuseOverlayfs).WithField("version", info.Version).WithField("root", root).Info("fuse-overlayfs snapshotter ready")
-
 	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
 	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs, snapshots.RebaseCap)
-	return fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
+	sn, err := fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
+	if err != nil {
+		// Skipped, not failed: containerd's metadata plugin refuses to load
+		// when any snapshotter fails with another error, and every service
+		// goes with it. A root that another process holds is the usual
+		// case; containerd runs on without this snapshotter.
+		return nil, fmt.Errorf("%w: fuse-overlayfs snapshotter: %w", plugin.ErrSkipPlugin, err)
+	}
+	log.G(ic.Context).WithFields(log.Fields{
+		"fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "root": root, "open-files": info.OpenFiles,
+	}).Info("fuse-overlayfs snapshotter ready")
+	return sn, nil
 }

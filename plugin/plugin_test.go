@@ -1,9 +1,12 @@
+//go:build linux
+
 package plugin
 
 import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -90,6 +93,9 @@ func TestInitSkipsWithoutFuseOverlayfs(t *testing.T) {
 	if !strings.Contains(err.Error(), "fuse-overlayfs was not found on PATH") || !strings.Contains(err.Error(), "apt-get install fuse-overlayfs") {
 		t.Fatalf("message does not say what to install: %v", err)
 	}
+	if !errors.Is(err, exec.ErrNotFound) || !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("error %v lost its cause (exec.ErrNotFound) or class (failed precondition)", err)
+	}
 }
 
 func TestInitRefusesBadConfig(t *testing.T) {
@@ -146,4 +152,31 @@ func TestInit(t *testing.T) {
 	if ic.Meta.Exports[plugins.SnapshotterRootDir] != other {
 		t.Fatalf("root_path ignored: %v", ic.Meta.Exports)
 	}
+}
+
+// TestInitSkipsOnHeldRoot loads the plugin on a root another opener holds:
+// the load must end (not hang on the metadata store's lock) in a skip, since
+// a failed snapshotter would take containerd's metadata plugin down with it,
+// and keep the class errdefs.ErrUnavailable and the message.
+func TestInitSkipsOnHeldRoot(t *testing.T) {
+	testutil.RequireFUSE(t)
+	ic := newInitContext(t, &fuseoverlayfs.Config{})
+	root := ic.Properties[plugins.PropertyRootDir]
+	holder, err := fuseoverlayfs.NewSnapshotter(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = holder.Close() })
+	sn, err := initSnapshotter(ic)
+	if err == nil {
+		_ = sn.(snapshots.Snapshotter).Close()
+		t.Fatal("the plugin loaded on a root another opener holds")
+	}
+	if !errors.Is(err, plugin.ErrSkipPlugin) || !errdefs.IsUnavailable(err) {
+		t.Errorf("got %v, want ErrSkipPlugin and class unavailable", err)
+	}
+	if want := "snapshotter root " + root + " is in use by another process"; !strings.Contains(err.Error(), want) {
+		t.Errorf("message %q lacks %q", err, want)
+	}
+	testutil.RequireNoLeftovers(t, root)
 }

@@ -34,7 +34,6 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
-	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -206,7 +205,7 @@ func loadConfig(path string) (fuseoverlayfs.Config, error) {
 			for _, e := range strict.Errors {
 				keys = append(keys, strings.Join(e.Key(), "."))
 			}
-			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options)", strings.Join(keys, ", "))
+			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options): %w", strings.Join(keys, ", "), strict)
 		case errors.As(err, &decErr):
 			row, col := decErr.Position()
 			key := strings.Join(decErr.Key(), ".")
@@ -254,9 +253,6 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	if err != nil {
 		return err
 	}
-	if err := checkRootFree(o.root); err != nil {
-		return err
-	}
 	sn, err := fuseoverlayfs.NewSnapshotter(o.root, cfg.Opts()...)
 	if err != nil {
 		return err
@@ -266,12 +262,6 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 			err = fmt.Errorf("close the metadata store: %w", cerr)
 		}
 	}()
-	// The metadata store opens lazily; opening it now takes its lock, so
-	// a second server on this root fails here instead of hanging later.
-	if err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil }); err != nil {
-		return fmt.Errorf("open the metadata store in %s: %w", o.root, err)
-	}
-
 	l, err := listen(o.socket)
 	if err != nil {
 		return err
@@ -283,7 +273,7 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	go func() { served <- srv.Serve(l) }()
 
 	log.G(ctx).WithFields(log.Fields{
-		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version,
+		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "open-files": info.OpenFiles,
 	}).Info("serving the fuse-overlayfs snapshotter")
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot tell systemd that the service is ready")
@@ -314,27 +304,6 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 		return fmt.Errorf("serve on %s: %w", o.socket, err)
 	}
 	return nil
-}
-
-// checkRootFree refuses a root whose metadata store another process (a
-// second server, or a containerd with the built-in plugin) holds open:
-// bbolt would wait for its lock forever.
-func checkRootFree(root string) error {
-	f, err := os.OpenFile(filepath.Join(root, "metadata.db"), os.O_RDWR, 0)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open %s: %w", filepath.Join(root, "metadata.db"), err)
-	}
-	defer func() { _ = f.Close() }()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return fmt.Errorf("snapshotter root %s is in use by another process (its metadata.db is locked): %w", root, errdefs.ErrUnavailable)
-		}
-		return fmt.Errorf("lock %s: %w", f.Name(), err)
-	}
-	return unix.Flock(int(f.Fd()), unix.LOCK_UN)
 }
 
 // listen creates the socket with mode 0600 in a directory of mode 0700

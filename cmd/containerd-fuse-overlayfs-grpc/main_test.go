@@ -23,6 +23,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+	"github.com/pelletier/go-toml/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -304,6 +305,15 @@ func TestLoadConfig(t *testing.T) {
 	}
 	if _, err := loadConfig(filepath.Join(dir, "missing.toml")); err == nil || !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing file: error %v, want not-exist", err)
+	}
+	// The decoder's errors stay the causes of the messages built on them.
+	var strict *toml.StrictMissingError
+	if _, err := loadConfig(filepath.Join(dir, "unknown_key.toml")); !errors.As(err, &strict) {
+		t.Errorf("unknown key: error %v does not wrap *toml.StrictMissingError", err)
+	}
+	var decErr *toml.DecodeError
+	if _, err := loadConfig(filepath.Join(dir, "not_toml.toml")); !errors.As(err, &decErr) {
+		t.Errorf("not toml: error %v does not wrap *toml.DecodeError", err)
 	}
 }
 

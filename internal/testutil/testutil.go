@@ -1,3 +1,5 @@
+//go:build linux
+
 // Package testutil holds helpers shared by the tests: prerequisites that must
 // fail rather than skip in CI, and the checks that nothing is left behind.
 package testutil
