@@ -39,7 +39,7 @@ unit:
 
 # Each fuzz target runs for a short time; FUZZ_TIME=5m for a longer hunt.
 FUZZ_TIME ?= 10s
-FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions ./internal/layer:FuzzApplyContained
+FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions ./internal/layer:FuzzApplyContained ./internal/layer:FuzzContainment
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

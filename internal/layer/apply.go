@@ -46,6 +46,13 @@ type writer struct {
 	rec      records
 	buf      []byte
 	zero     []byte // a zero buffer for sparse writes, made on first use
+
+	layerPath  string          // the layer directory, as the snapshotter named it
+	opaqueDone map[string]bool // directories whose whiteouts an opaque marker dropped
+	relocating bool            // Finish is placing moved entries (see relocate)
+	implied    map[string]bool // Finish: the implied directories, by their path at apply time
+	looked     []string        // positions rootPath looked at, for the cache
+	broken     bool            // Finish failed while moving entries
 }
 
 var inUserNS = userns.RunningInUserNS
@@ -104,7 +111,7 @@ func newWriter(ctx context.Context, root string, lowers []string, forms *Forms) 
 	if err != nil {
 		return nil, err
 	}
-	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache()}
+	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache(), layerPath: root, opaqueDone: map[string]bool{}}
 	if forms != nil {
 		w.forms = *forms
 	} else {
@@ -121,7 +128,10 @@ func (w *writer) close() {
 // changed is called for every position of the layer that was created,
 // removed, replaced, whited out or made opaque: resolutions that looked at
 // it are forgotten.
-func (w *writer) changed(rel string) { w.cache.forget(rel) }
+func (w *writer) changed(rel string) {
+	w.cache.forget(rel)
+	delete(w.opaqueDone, rel)
+}
 
 // removed is called after rel was removed from the layer.
 func (w *writer) removed(rel string) {
@@ -167,9 +177,11 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	if keep {
 		// An existing directory is kept, with the tar's metadata.
 		w.rec.listed(target)
+		w.rec.wrote(target)
 		return w.setMeta(parent, base, hdr)
 	}
 	w.rec.created(target)
+	w.rec.wrote(target)
 	w.changed(target)
 	return w.create(parent, base, hdr, r, replacedWhiteout)
 }
@@ -197,6 +209,9 @@ func (w *writer) clearName(parent *dirFD, base string, newDir bool) (replacedWhi
 				return false, false, err
 			}
 			w.removed(target)
+			// The non-directory hid whatever the lowers have there; the
+			// new directory must too.
+			replacedWhiteout = !isDir(&st)
 		}
 	}
 	// Only the file form leaves .wh. names in the layer (the tar's own are
@@ -206,6 +221,15 @@ func (w *writer) clearName(parent *dirFD, base string, newDir bool) (replacedWhi
 		if err := parent.remove(whPrefix + base); err != nil {
 			return false, false, err
 		}
+	}
+	if newDir && !exists && !replacedWhiteout && len(w.view.roots) > 1 {
+		// Over a non-directory of the lowers a directory merges nothing
+		// (and fuse-overlayfs 1.10 fails to list one over a symlink loop).
+		_, st, found, err := w.view.lookup(target)
+		if err != nil {
+			return false, false, err
+		}
+		replacedWhiteout = found && !isDir(&st)
 	}
 	return replacedWhiteout, false, nil
 }
@@ -241,6 +265,9 @@ func (w *writer) create(parent *dirFD, base string, hdr *tar.Header, r io.Reader
 		return w.hardLink(parent, base, hdr)
 	case tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
 		mode, dev, err := nodeOf(hdr)
+		if err == nil && mode&unix.S_IFMT == unix.S_IFCHR && dev == 0 {
+			err = fmt.Errorf("character device 0:0 is how an overlay writes a whiteout: %w", errdefs.ErrInvalidArgument)
+		}
 		if err != nil {
 			return err
 		}
@@ -279,7 +306,7 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 		return err
 	}
 	if src == nil {
-		w.rec.link(Link{Name: target, Target: cleanRel(hdr.Linkname), Meta: metaOf(hdr)})
+		w.rec.link(Link{Name: target, Target: w.pendingTarget(hdr.Linkname), Meta: metaOf(hdr)})
 		return nil // made by Finish
 	}
 	if err := linkAt(src, sbase, parent, base); err != nil {
@@ -300,7 +327,7 @@ func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, 
 		return nil, "", st0, fmt.Errorf("hard link to the layer root: %w", errdefs.ErrInvalidArgument)
 	}
 	tdir, tbase := splitDir(t)
-	rdir, err := w.resolve(w.view, tdir)
+	rdir, err := w.resolve(w.view, tdir, false)
 	if err != nil {
 		if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENOTDIR) {
 			return nil, "", st0, err
@@ -334,6 +361,17 @@ func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, 
 		return nil, "", st0, nil
 	}
 	return nil, "", st0, fmt.Errorf("hard link target %q not found in the layer or below: %w", name, errdefs.ErrNotFound)
+}
+
+// pendingTarget names a hard link target that a detached apply does not
+// have: resolved through the layer's own symlinks as they are now (as a
+// sequential apply would have), the rest left to Finish.
+func (w *writer) pendingTarget(name string) string {
+	t := cleanRel(name)
+	if r, err := w.resolve(w.view, t, true); err == nil {
+		return r
+	}
+	return t
 }
 
 // copyUpFrom copies rel of lower layer li (stat st) to base in dst.

@@ -222,7 +222,9 @@ func TestPathTraversal(t *testing.T) {
 		{name: "dotdot inside", ents: []ent{dir("a"), file("a/../../../../evil", "e")}, inside: "evil"},
 		{name: "symlink up", ents: []ent{symlink("esc", "../../../.."), file("esc/evil", "e")}, inside: "evil"},
 		{name: "symlink absolute", ents: []ent{symlink("esc", "/"), file("esc/evil", "e")}, inside: "evil"},
-		{name: "symlink chain", ents: []ent{dir("a"), symlink("a/b", "../../.."), symlink("c", "a/b/.."), file("c/evil", "e")}, inside: "evil"},
+		// As containerd's fs.RootPath: a symlink's target is cleaned by name
+		// first, so "a/b/.." is "a" whatever a/b is.
+		{name: "symlink chain", ents: []ent{dir("a"), symlink("a/b", "../../.."), symlink("c", "a/b/.."), file("c/evil", "e")}, inside: "a/evil"},
 		{name: "symlink then dir", ents: []ent{symlink("esc", "../.."), dir("esc/sub"), file("esc/sub/evil", "e")}, inside: "sub/evil"},
 		{name: "lower symlink up", ents: []ent{file("lowerlink/evil", "e")}, inside: "evil"},
 		{name: "hard link outside", ents: []ent{hardlink("hl", "../../../outside")}, wantErr: true},

@@ -4,7 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
+	"path"
+	"strings"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
@@ -23,6 +24,9 @@ func Finish(ctx context.Context, root, stateFile string, lowers []string) error 
 	if err != nil {
 		return err
 	}
+	if s.Broken != "" {
+		return fmt.Errorf("an earlier finish of this layer failed half way (%s): %w", s.Broken, errdefs.ErrFailedPrecondition)
+	}
 	w, err := newWriter(ctx, root, lowers, nil)
 	if err != nil {
 		return err
@@ -31,12 +35,28 @@ func Finish(ctx context.Context, root, stateFile string, lowers []string) error 
 	if len(lowers) == 0 {
 		return w.finishBase(s)
 	}
-	implicit := make([]string, 0, len(s.Implicit))
-	for d := range s.Implicit {
-		implicit = append(implicit, d)
+	err = w.finishWithLowers(s)
+	if err != nil && w.broken {
+		// Moved entries are lost: a retry must not find the layer good.
+		s.Broken = err.Error()
+		if werr := s.write(stateFile); werr != nil {
+			return fmt.Errorf("%w (and recording it failed: %w)", err, werr)
+		}
 	}
-	sort.Strings(implicit) // parents first
-	for _, d := range implicit {
+	return err
+}
+
+func (w *writer) finishWithLowers(s *state) error {
+	w.implied = map[string]bool{}
+	for _, d := range s.Implied {
+		w.implied[d] = true
+	}
+	if err := w.checkReplaced(s.Replaced); err != nil {
+		return err
+	}
+	// In the order the layer made them (parents first): a relocation
+	// that makes a directory opaque hides what later ones would move.
+	for _, d := range s.Implied {
 		err := w.finishImplicit(d)
 		w.cache.release()
 		if err != nil {
@@ -114,9 +134,30 @@ func (w *writer) dropWhiteout(rel string) error {
 		}
 	}
 	if st, ok, err := d.lstat(whPrefix + name); err != nil {
+		if errors.Is(err, unix.ENAMETOOLONG) {
+			return nil // a name of 252 bytes or more has no .wh. form
+		}
 		return err
 	} else if ok && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Size == 0 {
 		return d.remove(whPrefix + name)
+	}
+	return nil
+}
+
+// checkReplaced refuses a layer whose implied directories, later removed,
+// replaced or listed by the layer itself, are symlinks in the parents: the
+// entries written through them would have gone where the symlink points,
+// before the change, and that order is not kept.
+func (w *writer) checkReplaced(names []string) error {
+	for _, r := range names {
+		_, st, found, err := w.view.lookupUnder(r)
+		if err != nil {
+			return err
+		}
+		if found && !isDir(&st) {
+			return fmt.Errorf("layer entries were written under %q, which the parent layers have as a non-directory (mode %o), and the layer then replaced it: "+
+				"apply this layer with its parent known (max_concurrent_unpacks = 1): %w", r, st.Mode&unix.S_IFMT, errdefs.ErrFailedPrecondition)
+		}
 	}
 	return nil
 }
@@ -126,25 +167,28 @@ func (w *writer) dropWhiteout(rel string) error {
 // the entries belonged where it points (as a sequential apply would have
 // put them): they move there.
 func (w *writer) finishImplicit(name string) error {
-	rel, err := w.resolve(w.view, name)
+	rel, err := w.resolve(w.view, name, false)
 	if err != nil {
 		if gone(err) {
 			return nil
 		}
 		return err
 	}
-	li, st, found, err := w.view.below().lookup(rel)
-	if err != nil || !found {
+	li, st, found, err := w.view.lookupUnder(rel)
+	if err != nil {
 		return err
 	}
 	dir, base := splitDir(rel)
+	if !found {
+		return w.inheritGroup(dir, base)
+	}
 	switch {
 	case isDir(&st):
 		parent, err := w.dir(dir)
 		if err != nil || !parent.exists(base) {
 			return err
 		}
-		src, err := w.view.openDir(li+1, dir)
+		src, err := w.view.openDir(li, dir)
 		if err != nil {
 			return err
 		}
@@ -158,56 +202,125 @@ func (w *writer) finishImplicit(name string) error {
 	}
 }
 
+// inheritGroup gives the implied directory base in dir, made before its
+// parents were known, what the kernel gives a directory made in a setgid
+// directory (as a sequential apply would have): the parent's group.
+func (w *writer) inheritGroup(dir, base string) error {
+	parent, err := w.dir(dir)
+	if err != nil || !parent.exists(base) {
+		return err
+	}
+	pst, err := parent.fstat()
+	if err != nil || pst.Mode&unix.S_ISGID == 0 {
+		return err
+	}
+	return parent.lchown(base, -1, int(pst.Gid))
+}
+
+// relocatingDir is where relocate parks a directory, beside the layer
+// directory (in the snapshot's own directory), where no layer entry and no
+// symlink of the lowers can reach it.
+const relocatingDir = "relocating"
+
 // relocate moves the layer's directory rel, which the lowers have as a
-// symlink, to where that symlink leads, merging it into what is there.
+// symlink, to where that symlink leads, merging it into what is there. It
+// first checks that nothing conflicts, so a refusal changes nothing.
 func (w *writer) relocate(rel string) error {
 	dir, base := splitDir(rel)
 	parent, err := w.dir(dir)
 	if err != nil {
 		return err
 	}
-	tmpName, err := w.tempDir()
+	snap, err := openLayerDir(path.Dir(w.layerPath))
 	if err != nil {
 		return err
 	}
-	tmp, err := w.root.open(tmpName)
+	defer snap.close()
+	target, err := w.relocationDir(rel)
+	if err != nil {
+		return fmt.Errorf("move entries written under %q to where the parent layers' symlink points: %w", rel, err)
+	}
+	if err := snap.removeAll(relocatingDir); err != nil {
+		return err
+	}
+	if err := snap.mkdir(relocatingDir, 0o700); err != nil {
+		return err
+	}
+	tmp, err := snap.open(relocatingDir)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		tmp.close()
-		_ = w.root.removeAll(tmpName)
-	}()
+	defer tmp.close()
 	if err := renameAt(parent, base, tmp, "d"); err != nil {
 		return err
 	}
 	w.changed(rel)
-	dest, err := w.dir(rel)
+	dest, err := w.relocationTarget(target)
+	if err == nil {
+		err = w.checkMerge(tmp, "d", dest, rel)
+	}
 	if err != nil {
-		// Put it back so a retry finds the layer as it was.
-		_ = renameAt(tmp, "d", parent, base)
-		return fmt.Errorf("resolve symlink %q of the parent layers: %w", rel, err)
+		// Put it back: the layer is as it was.
+		if rerr := renameAt(tmp, "d", parent, base); rerr == nil {
+			_ = snap.remove(relocatingDir)
+		}
+		return fmt.Errorf("move entries written under %q to where the parent layers' symlink points: %w", rel, err)
 	}
-	return w.mergeInto(tmp, "d", dest)
+	if err := w.mergeInto(tmp, "d", dest, rel); err != nil {
+		w.broken = true
+		_ = snap.removeAll(relocatingDir)
+		return fmt.Errorf("move entries written under %q: %w", rel, err)
+	}
+	return snap.remove(relocatingDir)
 }
 
-// tempDir makes a fresh directory in the layer's root and returns its name.
-func (w *writer) tempDir() (string, error) {
-	for i := 0; ; i++ {
-		name := fmt.Sprintf(".relocate-%d", i)
-		err := w.root.mkdir(name, 0o700)
-		if err == nil {
-			return name, nil
-		}
-		if !errors.Is(err, unix.EEXIST) || i > 1000 {
-			return "", err
-		}
+// relocationDir is where the lowers' symlink at rel leads, as containerd
+// would resolve it (the usual case: /lib -> usr/lib). A target below rel,
+// or that the lowers have as a non-directory, is refused rather than
+// guessed; a missing one is made, as containerd makes missing parents.
+func (w *writer) relocationDir(rel string) (string, error) {
+	lower := w.view.below()
+	target, err := w.rootPath(lower, rel)
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
 	}
+	if target != "" && under(target, rel) {
+		return "", fmt.Errorf("it leads to %q, which lies in it: %w", target, errdefs.ErrFailedPrecondition)
+	}
+	if _, st, found, err := lower.lookup(target); err != nil {
+		return "", err
+	} else if found && !isDir(&st) {
+		return "", fmt.Errorf("it leads to %q, which the parent layers have as a non-directory: %w", target, errdefs.ErrFailedPrecondition)
+	}
+	return target, nil
 }
 
-// mergeInto moves the entries of directory name in src into dst, those of
-// src winning, and removes name.
-func (w *writer) mergeInto(src *dirFD, name string, dst *dirFD) error {
+// relocationTarget resolves rel, now a symlink of the lowers, through the
+// merged view; the layer's own symlinks and whiteouts on the way are
+// refused (their order against the moved entries is lost).
+func (w *writer) relocationTarget(rel string) (*dirFD, error) {
+	w.relocating = true
+	defer func() { w.relocating = false }()
+	d, err := w.dir(rel)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", err, errdefs.ErrFailedPrecondition)
+	}
+	return d, nil
+}
+
+// logical tells the name an entry stands for and whether it is a whiteout.
+func logical(d *dirFD, n string) (string, bool) {
+	if rest, ok := strings.CutPrefix(n, whPrefix); ok {
+		return rest, true
+	}
+	st, ok, _ := d.lstat(n)
+	return n, ok && isWhiteoutDev(&st)
+}
+
+// checkMerge refuses a merge of directory name of src into dst where the
+// layer wrote the same name on both sides (unless both are directories to
+// merge, or both whiteouts): which came last is not known.
+func (w *writer) checkMerge(src *dirFD, name string, dst *dirFD, old string) error {
 	from, err := src.open(name)
 	if err != nil {
 		return err
@@ -218,14 +331,92 @@ func (w *writer) mergeInto(src *dirFD, name string, dst *dirFD) error {
 		return err
 	}
 	for _, n := range names {
-		if err := w.mergeEntry(from, n, dst); err != nil {
+		ln, wh := logical(from, n)
+		dn, ok, err := dst.lstat(ln)
+		if err != nil {
+			return err
+		}
+		dwh := ok && isWhiteoutDev(&dn)
+		if !ok && dst.exists(whPrefix+ln) {
+			ok, dwh = true, true
+		}
+		switch {
+		case !ok:
+			if err := w.checkLanding(from, n, join(old, n), join(dst.rel, ln)); err != nil {
+				return err
+			}
+			continue
+		case wh && dwh:
+			continue
+		case !wh && !dwh && isDir(&dn):
+			sst, _, err := from.lstat(n)
+			if err != nil {
+				return err
+			}
+			if isDir(&sst) {
+				into, err := dst.open(ln)
+				if err != nil {
+					return err
+				}
+				err = w.checkMerge(from, n, into, join(old, n))
+				into.close()
+				if err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		return fmt.Errorf("the layer wrote %q both there and through the symlink: %w", join(dst.rel, ln), errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+// checkLanding refuses to move the implied directory n (old at apply time)
+// onto to where the lowers have a symlink: it would have to move again.
+func (w *writer) checkLanding(from *dirFD, n, old, to string) error {
+	if !w.implied[old] {
+		return nil
+	}
+	if st, _, err := from.lstat(n); err != nil || !isDir(&st) {
+		return err
+	}
+	if _, lst, found, err := w.view.lookupUnder(to); err != nil {
+		return err
+	} else if found && isSymlink(&lst) {
+		return fmt.Errorf("%q lands on %q, a symlink of the parent layers too: %w", old, to, errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
+// mergeInto moves the entries of directory name in src into dst and
+// removes name; checkMerge has made sure nothing collides but directories.
+// An opaque source makes dst opaque: it hid the lowers' content, which the
+// layer's own entries in dst are not. old is where the moved directory was
+// at apply time.
+func (w *writer) mergeInto(src *dirFD, name string, dst *dirFD, old string) error {
+	from, err := src.open(name)
+	if err != nil {
+		return err
+	}
+	defer from.close()
+	if isOpaque(from) {
+		if err := w.setOpaque(dst); err != nil {
+			return err
+		}
+	}
+	names, err := from.names()
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if err := w.mergeEntry(from, n, dst, join(old, n)); err != nil {
 			return err
 		}
 	}
 	return src.remove(name)
 }
 
-func (w *writer) mergeEntry(from *dirFD, n string, dst *dirFD) error {
+func (w *writer) mergeEntry(from *dirFD, n string, dst *dirFD, old string) error {
 	sst, _, err := from.lstat(n)
 	if err != nil {
 		return err
@@ -234,27 +425,31 @@ func (w *writer) mergeEntry(from *dirFD, n string, dst *dirFD) error {
 	if err != nil {
 		return err
 	}
-	w.changed(join(dst.rel, n))
+	to := join(dst.rel, n)
+	w.changed(to)
 	if ok && isDir(&sst) && isDir(&dstSt) {
-		sub, err := from.open(n)
+		if !w.implied[old] {
+			// The tar listed it: its entry's metadata wins over what the
+			// destination had.
+			if err := copyMetaAt(from, n, dst, n); err != nil {
+				return err
+			}
+		}
+		into, err := dst.open(n)
 		if err != nil {
 			return err
 		}
-		opaque := isOpaque(sub)
-		sub.close()
-		if !opaque {
-			into, err := dst.open(n)
-			if err != nil {
-				return err
-			}
-			defer into.close()
-			return w.mergeInto(from, n, into)
+		defer into.close()
+		return w.mergeInto(from, n, into, old)
+	}
+	if !ok {
+		if err := w.checkLanding(from, n, old, to); err != nil {
+			return err
 		}
 	}
 	if ok {
-		if err := dst.removeAll(n); err != nil {
-			return err
-		}
+		// Both whiteouts (checkMerge allows nothing else): one is enough.
+		return from.remove(n)
 	}
 	return renameAt(from, n, dst, n)
 }
@@ -311,7 +506,7 @@ func (w *writer) finishLinkGroup(target string, detached bool, names []string) e
 		// their own copy of the lower file.
 		src, sbase, err = w.copyOfLower(target, names[0])
 		names = names[1:]
-	} else {
+	} else if err = w.checkLinkTarget(target); err == nil {
 		src, sbase, _, err = w.linkSource(target, "")
 	}
 	if err != nil {
@@ -334,12 +529,33 @@ func (w *writer) finishLinkGroup(target string, detached bool, names []string) e
 	return nil
 }
 
+// checkLinkTarget refuses a pending link whose target the parents' symlinks
+// lead to a place the layer also wrote (or whited out): whether the link
+// came before or after that is not known.
+func (w *writer) checkLinkTarget(target string) error {
+	tdir, tbase := splitDir(target)
+	rdir, err := w.resolve(w.view, tdir, false)
+	if err != nil || join(rdir, tbase) == target {
+		return nil // linkSource says what is wrong, if anything
+	}
+	d, err := openStrict(w.root, rdir)
+	if err != nil {
+		return nil
+	}
+	defer d.close()
+	if d.exists(tbase) || d.exists(whPrefix+tbase) || d.exists(whOpaqueTar) || isOpaque(d) {
+		return fmt.Errorf("the parent layers' symlinks lead it to %q, which the layer also wrote: apply this layer with its parent known (max_concurrent_unpacks = 1): %w",
+			join(rdir, tbase), errdefs.ErrFailedPrecondition)
+	}
+	return nil
+}
+
 // copyOfLower copies the lower layers' file target to the link name and
 // returns where it is.
 func (w *writer) copyOfLower(target, name string) (*dirFD, string, error) {
 	lower := w.view.below()
 	tdir, tbase := splitDir(target)
-	rdir, err := w.resolve(lower, tdir)
+	rdir, err := w.resolve(lower, tdir, false)
 	if err != nil {
 		return nil, "", err
 	}

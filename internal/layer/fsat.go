@@ -359,13 +359,6 @@ func (in *inodeFD) setXattr(name string, v []byte) error {
 	return nil
 }
 
-func (in *inodeFD) removeXattr(name string) error {
-	if err := unix.Removexattr(in.proc(), name); err != nil {
-		return in.err("removexattr "+name, err)
-	}
-	return nil
-}
-
 func (in *inodeFD) listXattrs() ([]string, error) {
 	names, err := listXattrsWith(func(b []byte) (int, error) { return unix.Listxattr(in.proc(), b) })
 	if err != nil {

@@ -172,25 +172,40 @@ func mountStack(t *testing.T, s *stack) string {
 	if err := os.Mkdir(target, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	unmount, err := mountStackAt(s, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unmount(); err != nil {
+			t.Error(err)
+		}
+	})
+	return target
+}
+
+// mountStackAt mounts the stack read-only through fuse-overlayfs on the
+// existing directory target and returns how to unmount it.
+func mountStackAt(s *stack, target string) (func() error, error) {
 	lowers := s.lowers(len(s.dirs))
 	m := mount.Mount{Type: "fuse3.fuse-overlayfs", Source: "overlay", Options: []string{"lowerdir=" + strings.Join(lowers, ":")}}
 	if len(lowers) == 1 {
 		// fuse-overlayfs needs two directories for a read-only mount.
 		empty := filepath.Join(s.root, "empty")
-		if err := os.Mkdir(empty, 0o755); err != nil {
-			t.Fatal(err)
+		if err := os.Mkdir(empty, 0o755); err != nil && !os.IsExist(err) {
+			return nil, err
 		}
 		m.Options = []string{"lowerdir=" + lowers[0] + ":" + empty}
 	}
 	if err := m.Mount(target); err != nil {
-		t.Fatalf("mount %v: %v", m.Options, err)
+		return nil, fmt.Errorf("mount %v: %w", m.Options, err)
 	}
-	t.Cleanup(func() {
+	return func() error {
 		if err := mount.UnmountAll(target, 0); err != nil {
-			t.Errorf("unmount %s: %v", target, err)
+			return fmt.Errorf("unmount %s: %w", target, err)
 		}
-	})
-	return target
+		return nil
+	}, nil
 }
 
 // tree describes every entry under root (not following symlinks): type,
@@ -198,6 +213,15 @@ func mountStack(t *testing.T, s *stack) string {
 // TestSameTreeAsNative compares too. Link counts and times are left out.
 func tree(t *testing.T, root string) map[string]string {
 	t.Helper()
+	out, err := treeErr(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// treeErr is tree returning its error.
+func treeErr(root string) (map[string]string, error) {
 	out := map[string]string{}
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -245,10 +269,7 @@ func tree(t *testing.T, root string) map[string]string {
 		out[rel] = desc
 		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
+	return out, err
 }
 
 func diffTrees(want, got map[string]string) []string {

@@ -77,12 +77,11 @@ func (w *writer) writeContent(f *os.File, r io.Reader, sparse bool) error {
 		}
 		n, rerr := r.Read(w.buf)
 		if n > 0 {
-			chunk := w.buf[:n]
 			var err error
-			if sparse && bytes.Equal(chunk, w.zero[:n]) {
-				_, err = f.Seek(int64(n), io.SeekCurrent)
+			if sparse {
+				err = w.writeSparse(f, w.buf[:n])
 			} else {
-				_, err = f.Write(chunk)
+				_, err = f.Write(w.buf[:n])
 			}
 			if err != nil {
 				return err
@@ -99,6 +98,27 @@ func (w *writer) writeContent(f *os.File, r io.Reader, sparse bool) error {
 	if sparse {
 		// A trailing hole: the size comes from truncate, not a write.
 		return f.Truncate(off)
+	}
+	return nil
+}
+
+// sparseBlock is the granularity of holes: a filesystem block.
+const sparseBlock = 4096
+
+// writeSparse writes chunk at f's offset, seeking over whole zero blocks.
+func (w *writer) writeSparse(f *os.File, chunk []byte) error {
+	for len(chunk) > 0 {
+		n := min(sparseBlock, len(chunk))
+		var err error
+		if bytes.Equal(chunk[:n], w.zero[:n]) {
+			_, err = f.Seek(int64(n), io.SeekCurrent)
+		} else {
+			_, err = f.Write(chunk[:n])
+		}
+		if err != nil {
+			return err
+		}
+		chunk = chunk[n:]
 	}
 	return nil
 }
@@ -172,12 +192,15 @@ const paxXattr = "SCHILY.xattr."
 // droppedXattr tells the xattrs a layer may not set: trusted.* (as
 // containerd does; they could fake kernel overlay markers), and those
 // fuse-overlayfs or a kernel overlay in a user namespace read as
-// instructions (owners, modes, opacity): user.fuseoverlayfs.* and
-// user.overlay.*.
+// instructions (owners, modes, opacity): user.fuseoverlayfs.*,
+// security.fuseoverlayfs.*, user.overlay.* and containers' override_stat,
+// which fuse-overlayfs 1.10 also honours.
 func droppedXattr(name string) bool {
 	return strings.HasPrefix(name, "trusted.") ||
 		strings.HasPrefix(name, "user.fuseoverlayfs.") ||
-		strings.HasPrefix(name, "user.overlay.")
+		strings.HasPrefix(name, "security.fuseoverlayfs.") ||
+		strings.HasPrefix(name, "user.overlay.") ||
+		strings.HasPrefix(name, "user.containers.override_stat")
 }
 
 // setXattrs sets the entry's xattrs with set, leaving out those a layer

@@ -1,16 +1,19 @@
 package layer
 
 import (
+	"errors"
 	"fmt"
+	"os"
+	"path"
 	"strings"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
-// maxSymlinkHops bounds symlink expansion while resolving a path (as the
-// kernel's MAXSYMLINKS).
-const maxSymlinkHops = 40
+// maxSymlinkHops bounds symlink expansion while resolving a path (as
+// containerd's fs.RootPath).
+const maxSymlinkHops = 255
 
 // dir resolves the directory name (a cleaned name from the tar, or a real
 // path) in the merged view of the layer and its lowers, following symlinks
@@ -27,12 +30,24 @@ func (w *writer) dir(name string) (*dirFD, error) {
 	if d := w.cache.get(name); d != nil {
 		return d, nil
 	}
-	k := &walk{w: w, name: name, comps: splitRel(name), cur: w.root}
+	real := name
+	w.looked = w.looked[:0]
+	if !w.relocating {
+		// Where containerd would put it; the walk then only meets
+		// directories, or nothing (to create).
+		var err error
+		if real, err = w.rootPath(w.view, name); err != nil {
+			return nil, err
+		}
+	}
+	k := &walk{w: w, name: name, comps: splitRel(real), cur: w.root}
 	d, err := k.run()
 	if err != nil {
 		return nil, err
 	}
-	w.cache.put(name, d, k.traversed)
+	if d != w.root {
+		w.cache.put(name, d, append(k.traversed, w.looked...))
+	}
 	return d, nil
 }
 
@@ -43,6 +58,7 @@ type walk struct {
 	name      string
 	comps     []string
 	cur       *dirFD // where the walk is, in the layer (owned unless root)
+	stale     bool   // cur.rel is right but cur.fd is not opened yet (after "..")
 	hops      int
 	traversed []string // every position looked at: what invalidates it
 }
@@ -56,7 +72,8 @@ func (k *walk) run() (*dirFD, error) {
 		case "", ".":
 			continue
 		case "..":
-			err = k.up()
+			k.up()
+			continue
 		default:
 			err = k.step(c)
 		}
@@ -65,6 +82,10 @@ func (k *walk) run() (*dirFD, error) {
 			return nil, err
 		}
 	}
+	if err := k.open(); err != nil {
+		k.setCur(k.w.root)
+		return nil, err
+	}
 	return k.cur, nil
 }
 
@@ -72,18 +93,31 @@ func (k *walk) setCur(d *dirFD) {
 	if k.cur != k.w.root && k.cur != d {
 		k.cur.close()
 	}
-	k.cur = d
+	k.cur, k.stale = d, false
 }
 
-// up moves to the parent (a symlink's target may say ".."): it is a real
-// directory of the layer, reopened from the root.
-func (k *walk) up() error {
+// up moves to the parent (a symlink's target may climb). The parent is a
+// real directory of the layer; it is opened only when needed, so that a
+// long climb costs one reopen, not one per "..".
+func (k *walk) up() {
+	if k.cur.rel == "" {
+		return
+	}
 	parent, _ := splitDir(k.cur.rel)
-	if k.cur.rel == "" || parent == "" {
+	if parent == "" {
 		k.setCur(k.w.root)
+		return
+	}
+	k.setCur(&dirFD{fd: -1, rel: parent})
+	k.stale = true
+}
+
+// open opens a directory that up only named, from the root.
+func (k *walk) open() error {
+	if !k.stale {
 		return nil
 	}
-	d, err := openStrict(k.w.root, parent)
+	d, err := openStrict(k.w.root, k.cur.rel)
 	if err != nil {
 		return err
 	}
@@ -93,9 +127,12 @@ func (k *walk) up() error {
 
 // step moves into the component c of the current directory.
 func (k *walk) step(c string) error {
+	if err := k.open(); err != nil {
+		return err
+	}
 	next := join(k.cur.rel, c)
-	if len(next) > maxRel {
-		return fmt.Errorf("path %.64q... is longer than %d bytes: %w", next, maxRel, errdefs.ErrInvalidArgument)
+	if err := checkDirName(next, c); err != nil {
+		return err
 	}
 	k.traversed = append(k.traversed, next)
 	st, ok, err := k.cur.lstat(c)
@@ -112,6 +149,9 @@ func (k *walk) step(c string) error {
 			k.setCur(d)
 			return nil
 		case isSymlink(&st):
+			if k.w.relocating {
+				return fmt.Errorf("resolve %s: %w", next, errReplacedOnPath)
+			}
 			target, err := k.cur.readlink(c)
 			if err != nil {
 				return err
@@ -144,11 +184,29 @@ func (k *walk) step(c string) error {
 			}
 		}
 	}
+	if whitedOut && k.w.relocating {
+		return fmt.Errorf("resolve %s: %w", next, errRemovedOnPath)
+	}
 	return k.makeDir(c, whitedOut)
 }
 
+// checkDirName refuses a directory on an entry's path that fuse-overlayfs
+// would read as an overlay marker (".wh.NAME" hides NAME), and paths longer
+// than any other tool could use.
+func checkDirName(next, c string) error {
+	if strings.HasPrefix(c, whPrefix) {
+		return fmt.Errorf("directory %q on the path is named like a whiteout: %w", next, errdefs.ErrInvalidArgument)
+	}
+	if len(next) > maxRel {
+		return fmt.Errorf("path %.64q... is longer than %d bytes: %w", next, maxRel, errdefs.ErrInvalidArgument)
+	}
+	return nil
+}
+
 // follow continues the walk at a symlink's target: from the layer's root
-// when it is absolute, else from the directory holding the symlink.
+// when it is absolute, else from the directory holding the symlink. As
+// containerd's fs.RootPath does, the target and the rest of the name are
+// joined and cleaned first: ".." drops the component before it by name.
 func (k *walk) follow(target string) error {
 	if k.hops++; k.hops > maxSymlinkHops {
 		return fmt.Errorf("resolve %q: %w", k.name, unix.ELOOP)
@@ -156,8 +214,22 @@ func (k *walk) follow(target string) error {
 	if strings.HasPrefix(target, "/") {
 		k.setCur(k.w.root)
 	}
-	k.comps = append(splitRel(strings.Trim(target, "/")), k.comps...)
+	k.comps = expand(target, k.comps)
 	return nil
+}
+
+// expand joins a symlink's target with the components left to walk and
+// cleans the result: what is left are leading ".." and plain names.
+func expand(target string, rest []string) []string {
+	p := strings.TrimPrefix(target, "/")
+	if len(rest) > 0 {
+		p += "/" + strings.Join(rest, "/")
+	}
+	p = path.Clean(p)
+	if p == "." {
+		return nil
+	}
+	return strings.Split(p, "/")
 }
 
 // copyUpDir makes the lower directory c real in the layer.
@@ -195,6 +267,12 @@ func (k *walk) makeDir(c string, whitedOut bool) error {
 			return err
 		}
 	}
+	if k.w.rec.pendingAt(next) {
+		// The link may be a symlink of the parents (a hard link to one);
+		// what lies below its name is not known before Finish.
+		return fmt.Errorf("entries under %q, a hard link to a file of the parent layers not known yet: apply this layer with its parent known (max_concurrent_unpacks = 1): %w",
+			next, errdefs.ErrFailedPrecondition)
+	}
 	if err := k.cur.mkdir(c, 0o755); err != nil {
 		return err
 	}
@@ -204,6 +282,10 @@ func (k *walk) makeDir(c string, whitedOut bool) error {
 		return err
 	}
 	k.setCur(d)
+	// Not what a setgid parent would pass on: 0755, as containerd makes it.
+	if err := unix.Fchmod(d.fd, 0o755); err != nil {
+		return &os.PathError{Op: "chmod", Path: next, Err: err}
+	}
 	if whitedOut {
 		// Deleted below and re-created here: nothing below shows.
 		return k.w.setOpaque(d)
@@ -213,53 +295,30 @@ func (k *walk) makeDir(c string, whitedOut bool) error {
 }
 
 // resolve resolves name like dir but only looks: it returns the real path
-// name stands for in the merged view s, or an error (ENOENT, ENOTDIR,
-// ELOOP) naming where it stopped.
-func (w *writer) resolve(s *layerStack, name string) (string, error) {
+// name stands for in the merged view s (where containerd would put it), or
+// an error (ENOENT, ENOTDIR, ELOOP) naming where it stopped. With partial,
+// a path that does not exist (yet) is fine: a detached apply resolves what
+// it can see, its own symlinks, and leaves the rest to Finish.
+func (w *writer) resolve(s *layerStack, name string, partial bool) (string, error) {
 	if s == w.view {
 		if d := w.cache.get(name); d != nil {
 			return d.rel, nil
 		}
 	}
-	cur := ""
-	comps := splitRel(name)
-	hops := 0
-	for len(comps) > 0 {
-		c := comps[0]
-		comps = comps[1:]
-		switch c {
-		case "", ".":
-			continue
-		case "..":
-			cur, _ = splitDir(cur)
-			continue
-		}
-		next := join(cur, c)
-		li, st, found, err := s.lookup(next)
-		switch {
-		case err != nil:
+	real, err := w.rootPath(s, name)
+	if err != nil || partial {
+		return real, err
+	}
+	if real != "" {
+		if _, st, found, err := s.lookup(real); err != nil {
 			return "", err
-		case !found:
-			return "", fmt.Errorf("resolve %s: %w", next, unix.ENOENT)
-		case isDir(&st):
-			cur = next
-		case isSymlink(&st):
-			if hops++; hops > maxSymlinkHops {
-				return "", fmt.Errorf("resolve %q: %w", name, unix.ELOOP)
-			}
-			target, err := s.readlink(li, next)
-			if err != nil {
-				return "", err
-			}
-			if strings.HasPrefix(target, "/") {
-				cur = ""
-			}
-			comps = append(splitRel(strings.Trim(target, "/")), comps...)
-		default:
-			return "", fmt.Errorf("resolve %s: %w", next, unix.ENOTDIR)
+		} else if !found {
+			return "", fmt.Errorf("resolve %s: %w", real, unix.ENOENT)
+		} else if !isDir(&st) {
+			return "", fmt.Errorf("resolve %s: %w", real, unix.ENOTDIR)
 		}
 	}
-	return cur, nil
+	return real, nil
 }
 
 // readlink reads the symlink rel of layer li.
@@ -272,6 +331,14 @@ func (s *layerStack) readlink(li int, rel string) (string, error) {
 	defer d.close()
 	return d.readlink(base)
 }
+
+// What a relocation (Finish moving entries written through a name the
+// parents have as a symlink) cannot place, because the layer also changed
+// the destination and a parallel unpack does not know in which order.
+var (
+	errRemovedOnPath  = errors.New("the layer whited out a directory on the way")
+	errReplacedOnPath = errors.New("the layer replaced a directory on the way by a symlink")
+)
 
 // dirCache remembers resolved directory names with their handles. Each
 // entry lists the positions its resolution looked at; a change at any
@@ -306,6 +373,11 @@ func (c *dirCache) put(name string, d *dirFD, traversed []string) {
 // forget drops every entry whose resolution looked at pos. Their handles
 // are closed at release: the current entry may still use one.
 func (c *dirCache) forget(pos string) {
+	if pos == "" {
+		// The root changed (made opaque): every resolution looked at it.
+		c.clear()
+		return
+	}
 	for _, name := range c.byPos[pos] {
 		if d, ok := c.byName[name]; ok {
 			c.retired = append(c.retired, d)

@@ -8,7 +8,8 @@ import (
 // as fuse-overlayfs merges them. It only looks: lookups, and handles on the
 // directories that copy-up reads from.
 type layerStack struct {
-	roots []*dirFD
+	roots  []*dirFD
+	opaque []bool // whether each layer's root is opaque
 }
 
 // openStack opens the layer directories dirs (paths the snapshotter built).
@@ -21,6 +22,7 @@ func openStack(dirs []string) (*layerStack, error) {
 			return nil, err
 		}
 		s.roots = append(s.roots, fd)
+		s.opaque = append(s.opaque, isOpaque(fd))
 	}
 	return s, nil
 }
@@ -33,7 +35,7 @@ func (s *layerStack) close() {
 
 // below is the view of the layers under the top one (sharing its handles).
 func (s *layerStack) below() *layerStack {
-	return &layerStack{roots: s.roots[1:]}
+	return &layerStack{roots: s.roots[1:], opaque: s.opaque[1:]}
 }
 
 type lookupResult int
@@ -53,7 +55,7 @@ func (s *layerStack) lookup(rel string) (int, unix.Stat_t, bool, error) {
 		return 0, unix.Stat_t{}, false, nil
 	}
 	for li, root := range s.roots {
-		res, st, err := lookupIn(root, comps)
+		res, st, err := lookupIn(root, s.opaque[li], comps)
 		if err != nil {
 			return 0, st, false, err
 		}
@@ -68,14 +70,13 @@ func (s *layerStack) lookup(rel string) (int, unix.Stat_t, bool, error) {
 }
 
 // lookupIn looks comps up in one layer.
-func lookupIn(root *dirFD, comps []string) (lookupResult, unix.Stat_t, error) {
+func lookupIn(root *dirFD, opaque bool, comps []string) (lookupResult, unix.Stat_t, error) {
 	d := root
 	defer func() {
 		if d != root {
 			d.close()
 		}
 	}()
-	opaque := false
 	for i, c := range comps {
 		st, ok, err := d.lstat(c)
 		if err != nil {
@@ -135,4 +136,49 @@ func openStrict(root *dirFD, rel string) (*dirFD, error) {
 		d = next
 	}
 	return d, nil
+}
+
+// lookupUnder finds rel in the layers below the top one, as they show
+// through it: nothing if the top layer hides rel's parent (whited out,
+// opaque, a non-directory) whatever the top holds at rel itself.
+func (s *layerStack) lookupUnder(rel string) (int, unix.Stat_t, bool, error) {
+	hidden, err := s.hiddenByTop(rel)
+	if err != nil || hidden {
+		return 0, unix.Stat_t{}, false, err
+	}
+	li, st, found, err := s.below().lookup(rel)
+	return li + 1, st, found, err
+}
+
+func (s *layerStack) hiddenByTop(rel string) (bool, error) {
+	dir, _ := splitDir(rel)
+	d := s.roots[0]
+	opaque := s.opaque[0]
+	defer func() {
+		if d != s.roots[0] {
+			d.close()
+		}
+	}()
+	for _, c := range splitRel(dir) {
+		st, ok, err := d.lstat(c)
+		if err != nil {
+			return false, err
+		}
+		if !ok {
+			return opaque || d.exists(whPrefix+c), nil
+		}
+		if !isDir(&st) {
+			return true, nil
+		}
+		next, err := d.open(c)
+		if err != nil {
+			return false, err
+		}
+		if d != s.roots[0] {
+			d.close()
+		}
+		d = next
+		opaque = opaque || isOpaque(d)
+	}
+	return opaque, nil
 }

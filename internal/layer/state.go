@@ -67,12 +67,20 @@ func (m Meta) header() *tar.Header {
 // Apply and Commit. It holds names only: Finish resolves each again.
 type state struct {
 	Links []Link `json:"links,omitempty"`
-	// Implicit holds directories the layer needed but its tar did not list.
-	Implicit map[string]bool `json:"implicit,omitempty"`
+	// Implied holds directories the layer needed but its tar did not list,
+	// in the order they were made (Finish keeps the tar's order).
+	Implied []string `json:"implied,omitempty"`
 	// Whiteouts and Opaque are the overlay markers written, which a layer
 	// that ends up without parent does not want.
 	Whiteouts []string `json:"whiteouts,omitempty"`
 	Opaque    []string `json:"opaque,omitempty"`
+	// Replaced holds implied directories the layer later removed, replaced
+	// or listed itself: where the parents have a symlink there, what the
+	// layer wrote through it cannot be placed without the order of entries.
+	Replaced []string `json:"replaced,omitempty"`
+	// Broken says why an earlier Finish failed half way: the layer can no
+	// longer be finished.
+	Broken string `json:"broken,omitempty"`
 }
 
 func readState(file string) (*state, error) {
@@ -91,7 +99,7 @@ func readState(file string) (*state, error) {
 }
 
 func (s *state) empty() bool {
-	return len(s.Links) == 0 && len(s.Implicit) == 0 && len(s.Whiteouts) == 0 && len(s.Opaque) == 0
+	return len(s.Links) == 0 && len(s.Implied) == 0 && len(s.Whiteouts) == 0 && len(s.Opaque) == 0 && len(s.Replaced) == 0
 }
 
 func (s *state) write(file string) error {
@@ -129,16 +137,24 @@ func HasState(stateFile string) bool {
 type records struct {
 	detached bool
 	names    node // by real path in the layer
-	targets  node // pending links by their target's tar name
+	targets  node // pending links by their target's name
 	links    []*Link
+	replaced []string
+	seq      int // of implied directories
+}
+
+type orderedName struct {
+	seq  int
+	name string
 }
 
 type node struct {
 	kids map[string]*node
 
 	times    *[2]unix.Timespec // a directory's times, set at the end
-	implicit bool              // a directory the tar implied
+	implicit int               // a directory the tar implied: its order, from 1
 	whiteout bool              // a whiteout written here
+	written  bool              // an entry of the tar made this (not a copy-up)
 	opaque   bool              // marked opaque
 	links    []*Link           // pending links named here (names tree) or targeting here (targets tree)
 }
@@ -192,8 +208,8 @@ func (r *records) load(s *state) {
 	for i := range s.Links {
 		r.link(s.Links[i])
 	}
-	for d := range s.Implicit {
-		r.names.at(d, true).implicit = true
+	for _, d := range s.Implied {
+		r.implied(d)
 	}
 	for _, w := range s.Whiteouts {
 		r.names.at(w, true).whiteout = true
@@ -201,21 +217,20 @@ func (r *records) load(s *state) {
 	for _, o := range s.Opaque {
 		r.names.at(o, true).opaque = true
 	}
+	r.replaced = append(r.replaced, s.Replaced...)
 }
 
 func (r *records) state() *state {
-	s := &state{}
+	s := &state{Replaced: r.replaced}
+	var implied []orderedName
 	for _, l := range r.links {
 		if !l.dropped {
 			s.Links = append(s.Links, *l)
 		}
 	}
 	r.names.walk("", func(rel string, n *node) {
-		if n.implicit {
-			if s.Implicit == nil {
-				s.Implicit = map[string]bool{}
-			}
-			s.Implicit[rel] = true
+		if n.implicit > 0 {
+			implied = append(implied, orderedName{n.implicit, rel})
 		}
 		if n.whiteout {
 			s.Whiteouts = append(s.Whiteouts, rel)
@@ -224,6 +239,10 @@ func (r *records) state() *state {
 			s.Opaque = append(s.Opaque, rel)
 		}
 	})
+	sort.Slice(implied, func(a, b int) bool { return implied[a].seq < implied[b].seq })
+	for _, o := range implied {
+		s.Implied = append(s.Implied, o.name)
+	}
 	return s
 }
 
@@ -242,9 +261,12 @@ func (r *records) link(l Link) {
 // removed forgets everything recorded at or below rel, which is gone.
 func (r *records) removed(rel string) {
 	if sub := r.names.cut(rel); sub != nil {
-		sub.walk(rel, func(_ string, n *node) {
+		sub.walk(rel, func(p string, n *node) {
 			for _, l := range n.links {
 				l.dropped = true
+			}
+			if n.implicit > 0 {
+				r.replaced = append(r.replaced, p)
 			}
 		})
 	}
@@ -268,7 +290,11 @@ func (r *records) detachTargets(rel string) {
 	if !r.detached {
 		return
 	}
-	if sub := r.targets.cut(rel); sub != nil {
+	sub := r.targets.cut(rel)
+	if rel == "" {
+		sub, r.targets = &node{kids: r.targets.kids}, node{}
+	}
+	if sub != nil {
 		sub.walk(rel, func(_ string, n *node) {
 			for _, l := range n.links {
 				l.Detached = true
@@ -277,16 +303,32 @@ func (r *records) detachTargets(rel string) {
 	}
 }
 
+// pendingAt tells whether a pending hard link is named rel.
+func (r *records) pendingAt(rel string) bool {
+	n := r.names.at(rel, false)
+	if n == nil {
+		return false
+	}
+	for _, l := range n.links {
+		if !l.dropped {
+			return true
+		}
+	}
+	return false
+}
+
 func (r *records) implied(rel string) {
 	if r.detached {
-		r.names.at(rel, true).implicit = true
+		r.seq++
+		r.names.at(rel, true).implicit = r.seq
 	}
 }
 
 // listed notes that the tar lists the directory rel itself.
 func (r *records) listed(rel string) {
-	if n := r.names.at(rel, false); n != nil {
-		n.implicit = false
+	if n := r.names.at(rel, false); n != nil && n.implicit > 0 {
+		n.implicit = 0
+		r.replaced = append(r.replaced, rel)
 	}
 }
 
@@ -300,6 +342,24 @@ func (r *records) opaqued(rel string) {
 	if r.detached {
 		r.names.at(rel, true).opaque = true
 	}
+}
+
+// wrote notes that a tar entry made rel.
+func (r *records) wrote(rel string) {
+	r.names.at(rel, true).written = true
+}
+
+// holdsWritten tells whether n or anything below it was made by a tar entry.
+func (n *node) holdsWritten() bool {
+	if n.written {
+		return true
+	}
+	for _, k := range n.kids {
+		if k.holdsWritten() {
+			return true
+		}
+	}
+	return false
 }
 
 func (r *records) dirTimes(rel string, ts [2]unix.Timespec) {

@@ -16,10 +16,24 @@ func (w *writer) whiteout(dir, base string) error {
 		if err != nil {
 			return err
 		}
+		if w.opaqueDone[d.rel] {
+			return nil // a repeated marker: nothing new to drop
+		}
 		if err := w.setOpaque(d); err != nil {
 			return err
 		}
-		return w.dropWhiteoutsIn(d)
+		if err := w.dropWhiteoutsIn(d); err != nil {
+			return err
+		}
+		if len(w.view.roots) > 1 {
+			// What copy-ups brought into d is lower content, which the
+			// marker hides: as containerd, remove it.
+			if err := w.dropCopiedUp(d); err != nil {
+				return err
+			}
+		}
+		w.opaqueDone[d.rel] = true
+		return nil
 	}
 	if strings.HasPrefix(base, whMetaPfx) {
 		return nil // other AUFS metadata (e.g. .wh..wh.plnk) means nothing here
@@ -40,6 +54,8 @@ func (w *writer) whiteout(dir, base string) error {
 		}
 		w.removed(target)
 	}
+	// Links made earlier to a lower file there keep their own copy.
+	w.rec.detachTargets(target)
 	if isOpaque(parent) {
 		return nil // hidden anyway, and whiteouts in opaque dirs trip fuse-overlayfs
 	}
@@ -53,6 +69,10 @@ func (w *writer) whiteout(dir, base string) error {
 			return err
 		}
 	} else if !parent.exists(whPrefix + name) {
+		if len(whPrefix+name) > unix.NAME_MAX {
+			return fmt.Errorf("the whiteout of a name of %d bytes has no .wh. form (at most %d bytes), and this filesystem refuses the device form: %w",
+				len(name), unix.NAME_MAX-len(whPrefix), errdefs.ErrNotImplemented)
+		}
 		f, err := parent.create(whPrefix + name)
 		if err != nil {
 			return err
@@ -75,6 +95,10 @@ func (w *writer) setOpaque(d *dirFD) error {
 		return err
 	}
 	w.rec.opaqued(d.rel)
+	w.rec.detachTargets(d.rel)
+	if d.rel == "" {
+		w.view.opaque[0] = true
+	}
 	w.changed(d.rel)
 	return nil
 }
@@ -103,6 +127,41 @@ func (w *writer) dropWhiteoutsIn(d *dirFD) error {
 			return err
 		}
 		w.removed(join(d.rel, hidden))
+	}
+	return nil
+}
+
+// dropCopiedUp removes from d what no tar entry of this layer made: files
+// copied up for hard links and directories copied up on the way, keeping
+// the directories that lead to entries the layer wrote.
+func (w *writer) dropCopiedUp(d *dirFD) error {
+	n := w.rec.names.at(d.rel, false)
+	names, err := d.names()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		var k *node
+		if n != nil {
+			k = n.kids[name]
+		}
+		switch {
+		case k == nil || !k.holdsWritten():
+			if err := d.removeAll(name); err != nil {
+				return err
+			}
+			w.removed(join(d.rel, name))
+		case !k.written:
+			sub, err := d.open(name)
+			if err != nil {
+				continue // not a directory: written below cannot be
+			}
+			err = w.dropCopiedUp(sub)
+			sub.close()
+			if err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
