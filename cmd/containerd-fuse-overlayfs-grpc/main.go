@@ -205,7 +205,7 @@ func loadConfig(path string) (fuseoverlayfs.Config, error) {
 			for _, e := range strict.Errors {
 				keys = append(keys, strings.Join(e.Key(), "."))
 			}
-			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options): %w", strings.Join(keys, ", "), strict)
+			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options, content_dir): %w", strings.Join(keys, ", "), strict)
 		case errors.As(err, &decErr):
 			row, col := decErr.Position()
 			key := strings.Join(decErr.Key(), ".")

@@ -270,8 +270,9 @@ func TestLoadConfig(t *testing.T) {
 		err        string
 	}{
 		{name: "empty", toml: ""},
-		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\n",
-			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}},
+		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\ncontent_dir = '/var/lib/containerd/io.containerd.content.v1.content'\n",
+			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+		{name: "relative content dir", toml: "content_dir = 'containerd/io.containerd.content.v1.content'\n", err: "content_dir"},
 		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
 		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
 		{name: "wrong type", toml: "sync_remove = 'yes'\n", err: "key sync_remove"},
