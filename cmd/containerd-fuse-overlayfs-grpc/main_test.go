@@ -224,6 +224,7 @@ func TestParseArgs(t *testing.T) {
 		args         []string
 		socket, root string
 		config       string
+		content      string
 		version      bool
 		err          string
 	}{
@@ -232,6 +233,7 @@ func TestParseArgs(t *testing.T) {
 		{args: []string{"/run/s.sock", "/var/lib/r", "--config=c.toml", "--log-level", "debug"}, socket: "/run/s.sock", root: "/var/lib/r", config: "c.toml"},
 		{args: []string{"/run/s.sock", "--log-level=warn", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r"},
 		{args: []string{"--config", "c.toml", "/run/s.sock"}, socket: "/run/s.sock", config: "c.toml"},
+		{args: []string{"/run/s.sock", "--content-dir", "/c", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r", content: "/c"},
 		{args: []string{"--version"}, version: true},
 		{args: nil, err: "socket path is missing"},
 		{args: []string{""}, err: "socket path is empty"},
@@ -255,8 +257,8 @@ func TestParseArgs(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.socket != tc.socket || o.root != tc.root || o.configPath != tc.config || o.version != tc.version {
-				t.Errorf("got %+v, want socket %q root %q config %q version %v", o, tc.socket, tc.root, tc.config, tc.version)
+			if o.socket != tc.socket || o.root != tc.root || o.configPath != tc.config || o.contentDir != tc.content || o.version != tc.version {
+				t.Errorf("got %+v, want socket %q root %q config %q content dir %q version %v", o, tc.socket, tc.root, tc.config, tc.content, tc.version)
 			}
 		})
 	}
