@@ -91,7 +91,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if err != nil {
-		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--log-level LEVEL] <socket> <root>\n", name, err, name)
+		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--content-dir DIR] [--log-level LEVEL] <socket> <root>\n", name, err, name)
 		return exitUsage
 	}
 	if o.version {
