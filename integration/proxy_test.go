@@ -239,6 +239,14 @@ func testProxySequential(t *testing.T) {
 		t.Errorf("container output (--local pull): got %q, want %q", out, featuresOutput)
 	}
 	e.ctr("-n", "local", "images", "rm", "--sync", ref)
+	// Another snapshotter's layers through the diff service: the server
+	// declines them (Unimplemented through gRPC, ErrNotImplemented again in
+	// containerd) and the diff service goes on to the walking differ.
+	e.ctr("-n", "local", "images", "pull", "--local", "--plain-http", "--snapshotter", "native", ref)
+	if !strings.Contains(p.log(), "declined a layer") {
+		t.Errorf("the server's log shows no declined layer after a --local pull to native")
+	}
+	e.ctr("-n", "local", "images", "rm", "--sync", ref)
 	// What containerd sends with a proxied Apply besides the request: the
 	// transfer service's and the diff service's calls.
 	for _, md := range diffCallMetadata(p.log()) {
