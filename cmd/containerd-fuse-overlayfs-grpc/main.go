@@ -118,7 +118,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys)")
+	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys) and content_dir")
 	fs.StringVar(&o.contentDir, "content-dir", "", "containerd's content store `directory`, <containerd root>/"+contentSubdir+", where the layers to apply are read (default: the one of a root containerd, or of a rootless one as nerdctl sets it up)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: trace, debug, info, warn, error, fatal or panic")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
