@@ -37,7 +37,11 @@ func nerdctlRootlessDir(t *testing.T) string {
 	if err != nil {
 		t.Fatalf("find nerdctl's module (run `make binaries`): %v", err)
 	}
-	dir := filepath.Join(strings.TrimSpace(string(out)), "extras", "rootless")
+	mod := strings.TrimSpace(string(out))
+	if mod == "" {
+		t.Fatal("nerdctl's module is not in the module cache (run `make binaries`)")
+	}
+	dir := filepath.Join(mod, "extras", "rootless")
 	if _, err := os.Stat(filepath.Join(dir, "containerd-rootless-setuptool.sh")); err != nil {
 		t.Fatal(err)
 	}
