@@ -238,6 +238,19 @@ func TestRootlessReadme(t *testing.T) {
 		if n := strings.Count(proxyOut.String(), `level=info msg="layer applied directly"`); n < len(getFixture(t).features.Layers)/2 {
 			t.Errorf("the server applied %d layers directly, want most of the image's %d:\n%s", n, len(getFixture(t).features.Layers), &proxyOut)
 		}
+		// What the server wrote is what containerd's native snapshotter
+		// makes of the same archive.
+		trees := map[string][]string{}
+		for _, s := range []string{"native", sn} {
+			if s == "native" {
+				d.user(t, rl+"\nrl ctr images import --snapshotter native "+archive)
+			}
+			trees[s] = treeLines(d.user(t, rl+"\nrl ctr run --rm --snapshotter "+s+` --cgroup "" --cpu-shares 0 `+ref+" tree-"+s+" "+images.ProbePath+" treedump /"))
+		}
+		if diff := diffLines(trees["native"], trees[sn]); diff != "" {
+			t.Fatalf("tree on fuse-overlayfs through the proxy differs from native (- native, + fuse-overlayfs):\n%s", diff)
+		}
+		checkTree(t, getFixture(t).features, trees[sn])
 
 		// systemd stops the unit with SIGTERM: the server is the unit's
 		// main process (sh and nsenter exec it).
