@@ -130,10 +130,13 @@ func StartProxyServer(socket, root, contentDir, logPath string) (*ProxyServer, e
 	}
 	buf := make([]byte, 256)
 	n, err := notify.Read(buf)
-	if err != nil || string(buf[:n]) != "READY=1" {
+	if err == nil && string(buf[:n]) != "READY=1" {
+		err = fmt.Errorf("got %q", buf[:n])
+	}
+	if err != nil {
 		p.Kill()
 		log, _ := os.ReadFile(logPath)
-		return nil, fmt.Errorf("containerd-fuse-overlayfs-grpc did not report READY=1 (%q, %v); log:\n%s", buf[:n], err, log)
+		return nil, fmt.Errorf("containerd-fuse-overlayfs-grpc did not report READY=1: %w; log:\n%s", err, log)
 	}
 	return p, nil
 }
@@ -172,8 +175,10 @@ func (p *ProxyServer) Stop() error {
 	if p.err != nil {
 		return fmt.Errorf("containerd-fuse-overlayfs-grpc after SIGTERM: %w (want exit status 0)", p.err)
 	}
-	if _, err := os.Lstat(p.Socket); !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("socket %s still there after the server exited: %v", p.Socket, err)
+	if _, err := os.Lstat(p.Socket); err == nil {
+		return fmt.Errorf("socket %s still there after the server exited", p.Socket)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("look for the socket after the server exited: %w", err)
 	}
 	return nil
 }
