@@ -105,8 +105,9 @@ $(BIN)/containerd-stock: $(BIN)/.containerd-$(CONTAINERD_VERSION)
 	GOBIN=$(BIN)/.stock $(GO) install -tags "$(GO_BUILD_TAGS)" github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD_VERSION)
 	mv $(BIN)/.stock/containerd $@
 
-# The snapshotter served over containerd's snapshots gRPC API, for a
-# containerd without the plugin (a proxy plugin; rootless tests, README).
+# The snapshotter and its differ served over containerd's snapshots and diff
+# gRPC APIs, for a containerd without the plugin (proxy plugins; rootless
+# tests, README).
 $(BIN)/containerd-fuse-overlayfs-grpc: FORCE
 	@mkdir -p $(BIN)
 	$(GO) build -o $@ ./cmd/containerd-fuse-overlayfs-grpc
@@ -135,7 +136,8 @@ demo: deps binaries
 
 # Unpack benchmark (issue 4): pull+unpack of a ~250 MB, 12,500-file image from
 # the local registry, fast path sequential/parallel, through FUSE, overlayfs,
-# native; alternating runs, medians and ratios. As root.
+# native, and containerd-stock with the gRPC server's diff proxy (issue 10);
+# alternating runs, medians and ratios. As root.
 # The containerd roots go on tmpfs (BENCH_DIR), as for the reference figures.
 BENCH_REPS ?= 5
 BENCH_DIR  ?= /dev/shm

@@ -3,6 +3,7 @@ package fuseoverlayfs
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -21,12 +22,37 @@ type Config struct {
 	// MountOptions are extra fuse-overlayfs options added to every overlay
 	// mount, e.g. "noacl" or "static_nlink".
 	MountOptions []string `toml:"mount_options"`
+	// ContentDir is containerd's content store directory,
+	// <containerd root>/io.containerd.content.v1.content, from which
+	// containerd-fuse-overlayfs-grpc reads the layers containerd asks it to
+	// apply: a proxied Apply carries the layer's descriptor, not its bytes.
+	// Empty means the default for the user the server runs as. The
+	// built-in plugin reads containerd's content store itself and ignores it.
+	ContentDir string `toml:"content_dir"`
 }
 
 // Validate checks the configuration and returns an errdefs.ErrInvalidArgument
 // error naming the offending value.
 func (c *Config) Validate() error {
-	return ValidateMountOptions(c.MountOptions)
+	if err := ValidateMountOptions(c.MountOptions); err != nil {
+		return err
+	}
+	return validateContentDir(c.ContentDir)
+}
+
+// validateContentDir wants an absolute path: the server may run from any
+// working directory (systemd starts units in /), so a relative one would
+// name a different place in each setup.
+func validateContentDir(dir string) error {
+	switch {
+	case dir == "":
+		return nil
+	case strings.ContainsRune(dir, 0):
+		return fmt.Errorf("content_dir %q: contains a NUL byte: %w", dir, errdefs.ErrInvalidArgument)
+	case !filepath.IsAbs(dir):
+		return fmt.Errorf("content_dir %q: want an absolute path, e.g. /var/lib/containerd/io.containerd.content.v1.content: %w", dir, errdefs.ErrInvalidArgument)
+	}
+	return nil
 }
 
 // Opts turns the configuration into snapshotter options.

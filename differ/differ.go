@@ -32,9 +32,9 @@ import (
 // at its roots. Mounts of anything else get errdefs.ErrNotImplemented, so
 // containerd's diff service tries its next differ.
 type Differ struct {
-	store    content.Store
+	provider content.Provider
 	roots    []string
-	comparer diff.Comparer
+	comparer diff.Comparer // nil: Compare is not implemented
 	fallback diff.Applier
 	forms    *layer.Forms
 }
@@ -61,9 +61,21 @@ func WithUnprivilegedForms() Opt {
 	}
 }
 
-// New returns a Differ for the snapshotter roots given.
+// New returns a Differ for the snapshotter roots given. It reads layers
+// from store and writes the diffs it computes into it.
 func New(store content.Store, roots []string, opts ...Opt) *Differ {
-	d := &Differ{store: store, comparer: walking.NewWalkingDiff(store)}
+	d := NewApplier(store, roots, opts...)
+	d.comparer = walking.NewWalkingDiff(store)
+	return d
+}
+
+// NewApplier returns a Differ that only applies: it reads layers from
+// provider, and its Compare returns errdefs.ErrNotImplemented, so that
+// containerd's diff service goes on to its next differ. For a process that
+// can read containerd's layers but not add content to its store
+// (containerd-fuse-overlayfs-grpc).
+func NewApplier(provider content.Provider, roots []string, opts ...Opt) *Differ {
+	d := &Differ{provider: provider}
 	for _, r := range roots {
 		if r != "" {
 			d.roots = append(d.roots, filepath.Clean(r))
@@ -76,8 +88,12 @@ func New(store content.Store, roots []string, opts ...Opt) *Differ {
 }
 
 // Compare computes the diff between two mounts like containerd's walking
-// differ (it is that differ).
+// differ (it is that differ). A Differ made by NewApplier has no store to
+// write a diff into and returns errdefs.ErrNotImplemented.
 func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	if d.comparer == nil {
+		return ocispec.Descriptor{}, fmt.Errorf("compare mounts: this differ only applies layers: %w", errdefs.ErrNotImplemented)
+	}
 	return d.comparer.Compare(ctx, lower, upper, opts...)
 }
 
@@ -109,9 +125,9 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 			return ocispec.Descriptor{}, fmt.Errorf("apply option: %w", err)
 		}
 	}
-	ra, err := d.store.ReaderAt(ctx, desc)
+	ra, err := d.provider.ReaderAt(ctx, desc)
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("get reader for layer %s from content store: %w", desc.Digest, err)
+		return ocispec.Descriptor{}, fmt.Errorf("get reader for layer %s: %w", desc.Digest, err)
 	}
 	defer func() { _ = ra.Close() }()
 	var r io.Reader = content.NewReader(ra) //nolint:staticcheck // r is replaced below

@@ -379,3 +379,28 @@ func TestCompareIsWalking(t *testing.T) {
 		t.Fatalf("diff holds %v %v, want new", hdr, err)
 	}
 }
+
+// TestApplierOnly: a Differ made by NewApplier applies from a provider
+// (here a read-only one) and declines Compare with ErrNotImplemented, so the
+// diff service goes on to containerd's walking differ.
+func TestApplierOnly(t *testing.T) {
+	testutil.RequireFUSE(t)
+	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestApplierOnly") })
+	e := newEnv(t)
+	dif := NewApplier(readOnly{e.store}, []string{e.root})
+	e.unpack(t, dif, "base", "", "", layerTar(t, base...))
+	e.unpack(t, dif, "upper", "base", "", layerTar(t, upper...))
+	checkStack(t, e.view(t, "upper"))
+	dir := t.TempDir()
+	m := []mount.Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}
+	if _, err := dif.Compare(e.ctx, m, m); !errdefs.IsNotImplemented(err) {
+		t.Fatalf("Compare: got %v, want ErrNotImplemented", err)
+	}
+}
+
+// readOnly hides everything of a store but reading.
+type readOnly struct{ p content.Provider }
+
+func (r readOnly) ReaderAt(ctx context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
+	return r.p.ReaderAt(ctx, desc)
+}

@@ -131,8 +131,8 @@ func TestSameTreeAsNativeFastPath(t *testing.T) {
 				layers += len(spec.Layers)
 			}
 			// Before any container runs: containers write through FUSE.
-			e.checkDirectLog(tc.unpacks > 1, layers)
-			e.checkNoFUSEMarkers()
+			e.checkDirectLog(e.c.LogPath, e.builtinRoot(), tc.unpacks > 1, layers)
+			e.checkNoFUSEMarkers(e.builtinRoot())
 			for i, spec := range specs {
 				ref := e.fx.refs[spec.Repo]
 				dir := dirs[spec.Repo]
@@ -157,7 +157,7 @@ func (e *env) sameTree(ref, dir, prefix string) {
 	t.Helper()
 	trees := map[string]string{}
 	for _, s := range []string{sn, "native"} {
-		trees[s] = e.ctr("run", "--rm", "--snapshotter", s, ref, prefix+"-tree-"+s, images.ProbePath, "treedump", dir)
+		trees[s] = e.run("--rm", "--snapshotter", s, ref, prefix+"-tree-"+s, images.ProbePath, "treedump", dir)
 	}
 	if trees[sn] != trees["native"] {
 		t.Fatalf("%s of %s differs between fuse-overlayfs and native:\n%s", dir, ref, lineDiff(trees["native"], trees[sn]))
@@ -185,18 +185,26 @@ func (e *env) checkHiddenByPath(ref, id string, paths ...string) {
 	}
 }
 
-// checkDirectLog reads containerd's debug log: the differ logs every layer
-// it writes directly, with detached=true when the snapshot had no parent yet.
-func (e *env) checkDirectLog(parallel bool, layers int) {
+// builtinRoot is the root of the plugin built into our containerd.
+func (e *env) builtinRoot() string {
+	return filepath.Join(e.c.Root, "io.containerd.snapshotter.v1.fuse-overlayfs")
+}
+
+// checkDirectLog reads the debug log (containerd's, or the gRPC server's)
+// of the process the differ runs in: the differ logs every layer it writes
+// directly into a snapshot below root, with detached=true when the snapshot
+// had no parent yet.
+func (e *env) checkDirectLog(logPath, root string, parallel bool, layers int) {
 	t := e.t
 	t.Helper()
-	data, err := os.ReadFile(e.c.LogPath)
+	data, err := os.ReadFile(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var direct, detached int
 	for _, line := range strings.Split(string(data), "\n") {
-		if strings.Contains(line, "layer applied directly") && strings.Contains(line, "/io.containerd.snapshotter.v1.fuse-overlayfs/") {
+		// The differ's own line: it has the detached field.
+		if strings.Contains(line, "layer applied directly") && strings.Contains(line, "detached=") && strings.Contains(line, "dir="+root+"/") {
 			direct++
 			if strings.Contains(line, "detached=true") {
 				detached++
@@ -218,12 +226,12 @@ func (e *env) checkDirectLog(parallel bool, layers int) {
 }
 
 // checkNoFUSEMarkers: writing through fuse-overlayfs leaves .wh..wh..opq
-// files in directories it creates; the direct path never does.
-func (e *env) checkNoFUSEMarkers() {
+// files in directories it creates; the direct path never does. root is the
+// snapshotter's root.
+func (e *env) checkNoFUSEMarkers(root string) {
 	t := e.t
 	t.Helper()
-	root := filepath.Join(e.c.Root, "io.containerd.snapshotter.v1.fuse-overlayfs", "snapshots")
-	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+	err := filepath.WalkDir(filepath.Join(root, "snapshots"), func(p string, d os.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}

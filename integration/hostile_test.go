@@ -63,7 +63,7 @@ func TestHostileImages(t *testing.T) {
 			}
 			// The parallel mode is only tested if the layers really were
 			// applied before their parents were known.
-			e.checkDirectLog(tc.unpacks > 1, 0)
+			e.checkDirectLog(e.c.LogPath, e.builtinRoot(), tc.unpacks > 1, 0)
 		})
 	}
 }

@@ -54,10 +54,16 @@ func readmeBlock(t *testing.T, readme, heading, lang string, n int) string {
 // replaceOnce replaces old, which must occur exactly once, by new.
 func replaceOnce(t *testing.T, s, old, new string) string {
 	t.Helper()
-	if c := strings.Count(s, old); c != 1 {
-		t.Fatalf("README.md changed: %q occurs %d times in\n%s", old, c, s)
+	return replaceN(t, s, old, new, 1)
+}
+
+// replaceN replaces old, which must occur exactly n times, by new.
+func replaceN(t *testing.T, s, old, new string, n int) string {
+	t.Helper()
+	if c := strings.Count(s, old); c != n {
+		t.Fatalf("README.md changed: %q occurs %d times (want %d) in\n%s", old, c, n, s)
 	}
-	return strings.Replace(s, old, new, 1)
+	return strings.ReplaceAll(s, old, new)
 }
 
 // TestRootlessReadme runs the README's Rootless section as written, as the
@@ -151,13 +157,16 @@ func TestRootlessReadme(t *testing.T) {
 		if err := os.RemoveAll(filepath.Join(home, ".local", "share", "containerd")); err != nil {
 			t.Fatal(err)
 		}
-		proxyCfg, err := os.ReadFile(filepath.Join(root, "config", proxyConfigFile))
+		proxyCfg, err := os.ReadFile(filepath.Join(root, "config", harness.ProxyConfigFile))
 		if err != nil {
 			t.Fatal(err)
 		}
+		// The unit's socket and root, as systemd expands %t and %h.
 		socket := filepath.Join(runtimeDir, "containerd-fuse-overlayfs", "grpc.sock")
-		writeUserFile(filepath.Join(cfgDir, "config.toml"),
-			[]byte(replaceOnce(t, string(proxyCfg), "/run/user/1000/containerd-fuse-overlayfs/grpc.sock", socket)))
+		serverRoot := filepath.Join(home, ".local", "share", "containerd-fuse-overlayfs")
+		cfgText := replaceN(t, string(proxyCfg), "/run/user/1000/containerd-fuse-overlayfs/grpc.sock", socket, 2)
+		cfgText = replaceOnce(t, cfgText, "/home/user/.local/share/containerd-fuse-overlayfs", serverRoot)
+		writeUserFile(filepath.Join(cfgDir, "config.toml"), []byte(cfgText))
 		d := startReadmeContainerd(t, r, env, replaceOnce(t, start, "exec containerd ", "exec containerd-stock "))
 
 		var execStart string
@@ -178,7 +187,7 @@ func TestRootlessReadme(t *testing.T) {
 		if err := os.Chmod(notifyPath, 0o666); err != nil {
 			t.Fatal(err)
 		}
-		var proxyOut strings.Builder
+		var proxyOut harness.Output
 		proxy := r.user.Shell(context.Background(), append(env, "NOTIFY_SOCKET="+notifyPath), "exec "+execStart)
 		proxy.Stdout, proxy.Stderr = &proxyOut, &proxyOut
 		proxy.WaitDelay = 5 * time.Second
@@ -219,11 +228,29 @@ func TestRootlessReadme(t *testing.T) {
 		if !strings.Contains(out, "\nhi\n") && !strings.HasPrefix(out, "hi\n") {
 			t.Fatalf("the README's client commands did not print hi:\n%s", out)
 		}
-		// The layers are in the server's root, as the unit names it.
-		entries, err := os.ReadDir(filepath.Join(home, ".local", "share", "containerd-fuse-overlayfs", "snapshots"))
+		// The layers are in the server's root, as the unit names it, and
+		// the server wrote them itself, reading them from containerd's
+		// content store where the README puts it (its default).
+		entries, err := os.ReadDir(filepath.Join(serverRoot, "snapshots"))
 		if err != nil || len(entries) < len(getFixture(t).features.Layers) {
 			t.Fatalf("the server's root holds %d snapshots (%v), want the image's layers", len(entries), err)
 		}
+		if n := strings.Count(proxyOut.String(), `level=info msg="layer applied directly"`); n < len(getFixture(t).features.Layers)/2 {
+			t.Errorf("the server applied %d layers directly, want most of the image's %d:\n%s", n, len(getFixture(t).features.Layers), &proxyOut)
+		}
+		// What the server wrote is what containerd's native snapshotter
+		// makes of the same archive.
+		trees := map[string][]string{}
+		for _, s := range []string{"native", sn} {
+			if s == "native" {
+				d.user(t, rl+"\nrl ctr images import --snapshotter native "+archive)
+			}
+			trees[s] = treeLines(d.user(t, rl+"\nrl ctr run --rm --snapshotter "+s+` --cgroup "" --cpu-shares 0 `+ref+" tree-"+s+" "+images.ProbePath+" treedump /"))
+		}
+		if diff := diffLines(trees["native"], trees[sn]); diff != "" {
+			t.Fatalf("tree on fuse-overlayfs through the proxy differs from native (- native, + fuse-overlayfs):\n%s", diff)
+		}
+		checkTree(t, getFixture(t).features, trees[sn])
 
 		// systemd stops the unit with SIGTERM: the server is the unit's
 		// main process (sh and nsenter exec it).

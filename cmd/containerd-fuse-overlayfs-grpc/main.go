@@ -1,11 +1,15 @@
 // Command containerd-fuse-overlayfs-grpc serves the fuse-overlayfs snapshotter
-// over containerd's snapshots gRPC API on a unix socket, for a containerd that
-// does not have the plugin built in. containerd reaches it as a proxy plugin:
+// over containerd's snapshots gRPC API, and its fast layer applier over
+// containerd's diff gRPC API, on one unix socket, for a containerd that does
+// not have the plugin built in. containerd reaches both as proxy plugins:
 //
 //	[proxy_plugins."fuse-overlayfs"]
 //	  type = "snapshot"
 //	  address = "/run/user/1000/containerd-fuse-overlayfs/grpc.sock"
-//	  capabilities = ["remap-ids"]
+//	  capabilities = ["remap-ids", "rebase"]
+//	[proxy_plugins."fuse-overlayfs-differ"]
+//	  type = "diff"
+//	  address = "/run/user/1000/containerd-fuse-overlayfs/grpc.sock"
 //
 // Usage:
 //
@@ -13,7 +17,8 @@
 //
 // The root may be left out when the configuration file sets root_path. The
 // configuration file takes the keys of the built-in plugin's section
-// (root_path, sync_remove, mount_options) at its top level.
+// (root_path, sync_remove, mount_options) at its top level, and content_dir:
+// containerd's content store directory, from which the layers are read.
 package main
 
 import (
@@ -32,6 +37,7 @@ import (
 	"syscall"
 	"time"
 
+	diffapi "github.com/containerd/containerd/api/services/diff/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/errdefs"
@@ -63,6 +69,7 @@ const (
 
 type options struct {
 	socket, root string
+	contentDir   string
 	configPath   string
 	logLevel     string
 	version      bool
@@ -84,7 +91,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if err != nil {
-		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--log-level LEVEL] <socket> <root>\n", name, err, name)
+		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--content-dir DIR] [--log-level LEVEL] <socket> <root>\n", name, err, name)
 		return exitUsage
 	}
 	if o.version {
@@ -111,11 +118,12 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys)")
+	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys) and content_dir")
+	fs.StringVar(&o.contentDir, "content-dir", "", "containerd's content store `directory`, <containerd root>/"+contentSubdir+", where the layers to apply are read (default: the one of a root containerd, or of a rootless one as nerdctl sets it up)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: trace, debug, info, warn, error, fatal or panic")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
-		_, _ = fmt.Fprintf(fs.Output(), "usage: %s [flags] <socket> <root>\n\nServes the fuse-overlayfs snapshotter over containerd's snapshots gRPC API on <socket>,\nkeeping snapshots under <root> (optional when the config file sets root_path).\n\nflags:\n", name)
+		_, _ = fmt.Fprintf(fs.Output(), "usage: %s [flags] <socket> <root>\n\nServes the fuse-overlayfs snapshotter over containerd's snapshots gRPC API on <socket>,\nkeeping snapshots under <root> (optional when the config file sets root_path), and\nits layer applier over containerd's diff gRPC API on the same socket.\n\nflags:\n", name)
 		fs.PrintDefaults()
 	}
 	var positional []string
@@ -174,7 +182,10 @@ func resolve(o *options) (fuseoverlayfs.Config, error) {
 	case cfg.RootPath != "" && filepath.Clean(cfg.RootPath) != filepath.Clean(o.root):
 		return cfg, usageError{fmt.Errorf("the root argument %q and root_path %q in %s differ: give one of them: %w", o.root, cfg.RootPath, o.configPath, errdefs.ErrInvalidArgument)}
 	}
-	for _, p := range []*string{&o.root, &o.socket} {
+	if err := resolveContentDir(o, &cfg); err != nil {
+		return cfg, err
+	}
+	for _, p := range []*string{&o.root, &o.socket, &o.contentDir} {
 		abs, err := filepath.Abs(*p)
 		if err != nil {
 			return cfg, err
@@ -182,7 +193,27 @@ func resolve(o *options) (fuseoverlayfs.Config, error) {
 		*p = abs
 	}
 	cfg.RootPath = o.root
+	cfg.ContentDir = o.contentDir
 	return cfg, nil
+}
+
+// resolveContentDir settles containerd's content store directory: the flag,
+// or content_dir from the config file, or the default for this user.
+func resolveContentDir(o *options, cfg *fuseoverlayfs.Config) error {
+	switch {
+	case o.contentDir != "" && cfg.ContentDir != "" && filepath.Clean(cfg.ContentDir) != filepath.Clean(o.contentDir):
+		return usageError{fmt.Errorf("--content-dir %q and content_dir %q in %s differ: give one of them: %w", o.contentDir, cfg.ContentDir, o.configPath, errdefs.ErrInvalidArgument)}
+	case o.contentDir != "":
+	case cfg.ContentDir != "":
+		o.contentDir = cfg.ContentDir
+	default:
+		dir, err := defaultContentDir(os.Getenv, runningRootless())
+		if err != nil {
+			return usageError{err}
+		}
+		o.contentDir = dir
+	}
+	return nil
 }
 
 // loadConfig decodes a configuration file strictly: an unknown key (a typo
@@ -205,7 +236,7 @@ func loadConfig(path string) (fuseoverlayfs.Config, error) {
 			for _, e := range strict.Errors {
 				keys = append(keys, strings.Join(e.Key(), "."))
 			}
-			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options): %w", strings.Join(keys, ", "), strict)
+			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options, content_dir): %w", strings.Join(keys, ", "), strict)
 		case errors.As(err, &decErr):
 			row, col := decErr.Position()
 			key := strings.Join(decErr.Key(), ".")
@@ -247,6 +278,11 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
+	// nerdctl's unit for this server reloads it with SIGHUP, whose default
+	// action would end it: there is nothing to reload, so it is only logged.
+	hups := make(chan os.Signal, 1)
+	signal.Notify(hups, syscall.SIGHUP)
+	defer signal.Stop(hups)
 
 	// The same checks, with the same messages, as the built-in plugin.
 	info, err := fuseoverlayfs.Check(o.root)
@@ -266,24 +302,29 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(grpc.UnaryInterceptor(logDiffMetadata))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	// One socket for both: containerd dials each proxy plugin's address
+	// and shares one connection between plugins with the same address.
+	diffapi.RegisterDiffServer(srv, diffServer(o.root, contentDir{o.contentDir}))
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(l) }()
 
 	log.G(ctx).WithFields(log.Fields{
-		"socket": o.socket, "root": o.root, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "open-files": info.OpenFiles,
-	}).Info("serving the fuse-overlayfs snapshotter")
+		"socket": o.socket, "root": o.root, "content-dir": o.contentDir, "fuse-overlayfs": info.FuseOverlayfs, "version": info.Version, "open-files": info.OpenFiles,
+	}).Info("serving the fuse-overlayfs snapshotter and differ")
+	if _, err := os.Stat(o.contentDir); err != nil {
+		// Not fatal: the server may start before containerd first creates
+		// it. Every Apply will name the path it looked at.
+		log.G(ctx).WithError(err).Warn("containerd's content store directory cannot be read now: layers to apply are read from there")
+	}
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("cannot tell systemd that the service is ready")
 	}
 
-	select {
-	case err := <-served:
+	if err := waitForStop(ctx, served, sigs, hups); err != nil {
 		return fmt.Errorf("serve on %s: %w", o.socket, err)
-	case sig := <-sigs:
-		log.G(ctx).WithField("signal", sig).Info("stopping")
 	}
 	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
 	stopped := make(chan struct{})
@@ -304,6 +345,26 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 		return fmt.Errorf("serve on %s: %w", o.socket, err)
 	}
 	return nil
+}
+
+// waitForStop returns when the server stops serving on its own (with an
+// error) or a stop signal arrives (nil); SIGHUP is logged and otherwise
+// ignored.
+func waitForStop(ctx context.Context, served <-chan error, sigs, hups <-chan os.Signal) error {
+	for {
+		select {
+		case err := <-served:
+			if err == nil {
+				err = errors.New("stopped serving")
+			}
+			return err
+		case <-hups:
+			log.G(ctx).Info("SIGHUP: nothing to reload (restart the server to change its configuration)")
+		case sig := <-sigs:
+			log.G(ctx).WithField("signal", sig).Info("stopping")
+			return nil
+		}
+	}
 }
 
 // listen creates the socket with mode 0600 in a directory of mode 0700

@@ -224,6 +224,7 @@ func TestParseArgs(t *testing.T) {
 		args         []string
 		socket, root string
 		config       string
+		content      string
 		version      bool
 		err          string
 	}{
@@ -232,6 +233,7 @@ func TestParseArgs(t *testing.T) {
 		{args: []string{"/run/s.sock", "/var/lib/r", "--config=c.toml", "--log-level", "debug"}, socket: "/run/s.sock", root: "/var/lib/r", config: "c.toml"},
 		{args: []string{"/run/s.sock", "--log-level=warn", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r"},
 		{args: []string{"--config", "c.toml", "/run/s.sock"}, socket: "/run/s.sock", config: "c.toml"},
+		{args: []string{"/run/s.sock", "--content-dir", "/c", "/var/lib/r"}, socket: "/run/s.sock", root: "/var/lib/r", content: "/c"},
 		{args: []string{"--version"}, version: true},
 		{args: nil, err: "socket path is missing"},
 		{args: []string{""}, err: "socket path is empty"},
@@ -255,8 +257,8 @@ func TestParseArgs(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.socket != tc.socket || o.root != tc.root || o.configPath != tc.config || o.version != tc.version {
-				t.Errorf("got %+v, want socket %q root %q config %q version %v", o, tc.socket, tc.root, tc.config, tc.version)
+			if o.socket != tc.socket || o.root != tc.root || o.configPath != tc.config || o.contentDir != tc.content || o.version != tc.version {
+				t.Errorf("got %+v, want socket %q root %q config %q content dir %q version %v", o, tc.socket, tc.root, tc.config, tc.content, tc.version)
 			}
 		})
 	}
@@ -270,8 +272,9 @@ func TestLoadConfig(t *testing.T) {
 		err        string
 	}{
 		{name: "empty", toml: ""},
-		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\n",
-			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}},
+		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\ncontent_dir = '/var/lib/containerd/io.containerd.content.v1.content'\n",
+			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+		{name: "relative content dir", toml: "content_dir = 'containerd/io.containerd.content.v1.content'\n", err: "content_dir"},
 		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
 		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
 		{name: "wrong type", toml: "sync_remove = 'yes'\n", err: "key sync_remove"},

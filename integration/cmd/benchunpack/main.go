@@ -8,9 +8,13 @@
 //	    which writes through a FUSE mount (as the public snapshotter does)
 //	(d) containerd's overlayfs snapshotter
 //	(e) containerd's native snapshotter
+//	(f) an unmodified containerd (bin/containerd-stock) with the snapshotter
+//	    and its differ served by containerd-fuse-overlayfs-grpc through proxy
+//	    plugins (config/containerd-proxy.toml), sequential
 //
 // Runs alternate between variants, each on a fresh containerd (no content
-// cached), and the table gives the medians and the ratios a/d, b/d, c/a.
+// cached), and the table gives the medians and the ratios a/d, b/d, c/a,
+// f/d and f/c.
 // Run it as root with `make bench-unpack`.
 package main
 
@@ -38,19 +42,21 @@ type variant struct {
 	snapshotter string
 	unpacks     int
 	direct      bool
+	proxy       bool // containerd-stock + containerd-fuse-overlayfs-grpc
 }
 
 var variants = []variant{
-	{"a", "fuse-overlayfs, direct apply, sequential", "fuse-overlayfs", 1, true},
-	{"b", "fuse-overlayfs, direct apply, parallel", "fuse-overlayfs", 4, true},
-	{"c", "fuse-overlayfs, through FUSE (fast path off)", "fuse-overlayfs", 1, false},
-	{"d", "overlayfs (kernel)", "overlayfs", 1, true},
-	{"e", "native", "native", 1, true},
+	{"a", "fuse-overlayfs, direct apply, sequential", "fuse-overlayfs", 1, true, false},
+	{"b", "fuse-overlayfs, direct apply, parallel", "fuse-overlayfs", 4, true, false},
+	{"c", "fuse-overlayfs, through FUSE (fast path off)", "fuse-overlayfs", 1, false, false},
+	{"d", "overlayfs (kernel)", "overlayfs", 1, true, false},
+	{"e", "native", "native", 1, true, false},
+	{"f", "containerd-stock + gRPC server, diff proxy", "fuse-overlayfs", 1, true, true},
 }
 
 func main() {
 	reps := flag.Int("reps", 5, "repetitions of each variant")
-	only := flag.String("only", "abcde", "variants to run")
+	only := flag.String("only", "abcdef", "variants to run")
 	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
 	flag.Parse()
 	if err := run(*reps, *only, *base); err != nil {
@@ -113,28 +119,58 @@ func run(reps int, only, base string) error {
 	return nil
 }
 
-// measure starts a fresh containerd, times `ctr images pull` (fetch and
-// unpack) and stops it, checking that nothing is left mounted or running.
+// measure starts a fresh containerd (and for a proxy variant the gRPC
+// server), times `ctr images pull` (fetch and unpack) and stops them,
+// checking that nothing is left mounted or running.
 func measure(work, registry, ref string, v variant) (float64, error) {
 	ctx := context.Background()
 	dir, err := os.MkdirTemp(work, "c-")
 	if err != nil {
 		return 0, err
 	}
-	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: registry, Edit: func(cfg map[string]any) {
+	socket := filepath.Join(dir, "grpc", "grpc.sock")
+	serverRoot := filepath.Join(dir, "fo-root")
+	binary := "containerd" // ours, the plugin built in
+	if v.proxy {
+		binary = "containerd-stock"
+	}
+	var editErr error
+	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: registry, Binary: binary, Edit: func(cfg map[string]any) {
+		if v.proxy {
+			editErr = harness.UseProxyConfig(cfg, socket, serverRoot)
+		}
 		harness.Set(cfg, v.unpacks, "plugins", "io.containerd.transfer.v1.local", "max_concurrent_unpacks")
 		if !v.direct {
 			fastPathOff(cfg)
 		}
 	}})
+	if err == nil {
+		err = editErr
+	}
 	if err != nil {
 		return 0, err
+	}
+	var server *harness.ProxyServer
+	if v.proxy {
+		server, err = harness.StartProxyServer(socket, serverRoot, filepath.Join(c.Root, harness.ContentSubdir), filepath.Join(dir, "grpc.log"))
+		if err != nil {
+			_ = c.Stop()
+			return 0, err
+		}
 	}
 	start := time.Now()
 	_, err = c.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", v.snapshotter, "--platform", "linux/"+runtime.GOARCH, ref)
 	elapsed := time.Since(start).Seconds()
 	if serr := c.Stop(); err == nil {
 		err = serr
+	}
+	if server != nil {
+		if serr := server.Stop(); err == nil {
+			err = serr
+		}
+		if err == nil {
+			err = checkServerApplied(server.LogPath)
+		}
 	}
 	left, lerr := harness.WaitNoLeftovers(dir, 15*time.Second)
 	if err == nil {
@@ -148,6 +184,19 @@ func measure(work, registry, ref string, v variant) (float64, error) {
 		err = rerr
 	}
 	return elapsed, err
+}
+
+// checkServerApplied makes sure a proxy run measured the fast path: the
+// server logs each layer it applied itself.
+func checkServerApplied(logPath string) error {
+	data, err := os.ReadFile(logPath)
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(string(data), `level=info msg="layer applied directly"`) {
+		return fmt.Errorf("containerd-fuse-overlayfs-grpc applied no layer (see %s): the proxy run did not use the fast path", logPath)
+	}
+	return nil
 }
 
 // fastPathOff points fuse-overlayfs' unpack at containerd's walking differ
@@ -199,6 +248,10 @@ func report(vs []variant, samples map[string][]float64, reps int, work string) {
 			return
 		}
 		r := med[a] / med[b]
+		if ok == nil {
+			fmt.Printf("| %s | %.2f | (reported) |\n", name, r)
+			return
+		}
 		verdict := "meets"
 		if !ok(r) {
 			verdict = "MISSES"
@@ -209,6 +262,8 @@ func report(vs []variant, samples map[string][]float64, reps int, work string) {
 	ratio("a/d", "a", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
 	ratio("b/d", "b", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
 	ratio("c/a", "c", "a", ">= 2", func(r float64) bool { return r >= 2 })
+	ratio("f/d", "f", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
+	ratio("f/c", "f", "c", "", nil)
 }
 
 // benchImage is an application-like image: a small base, one big layer of

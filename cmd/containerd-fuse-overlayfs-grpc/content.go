@@ -1,0 +1,97 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/userns"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// contentSubdir is where containerd keeps its content store below its root
+// (the content plugin's ID).
+const contentSubdir = "io.containerd.content.v1.content"
+
+// contentDir reads layers from containerd's content store directory. A
+// proxied Apply carries the layer's descriptor only; containerd has already
+// fetched the blob into this directory. It never writes there: containerd's
+// own local store, opened on the directory, would create an ingest
+// directory and an fsverity probe in it.
+type contentDir struct{ dir string }
+
+// ReaderAt opens the blob of desc. A blob that is missing or cannot be read
+// is an errdefs.ErrNotFound error naming the digest and the path looked at,
+// keeping the system's error as its cause.
+func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
+	// Validate before building a path from it: the digest comes from the
+	// caller, and a bad one must not name a file elsewhere.
+	if err := desc.Digest.Validate(); err != nil {
+		return nil, fmt.Errorf("read layer %q: %w: %w", desc.Digest, errdefs.ErrInvalidArgument, err)
+	}
+	p := filepath.Join(c.dir, "blobs", desc.Digest.Algorithm().String(), desc.Digest.Encoded())
+	f, err := os.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("read layer %s: not in containerd's content store: %s does not exist (the server reads layers from content_dir %s; set it, or --content-dir, to <containerd root>/%s): %w: %w",
+			desc.Digest, p, c.dir, contentSubdir, errdefs.ErrNotFound, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read layer %s from containerd's content store at %s: %w: %w", desc.Digest, p, errdefs.ErrNotFound, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("read layer %s from containerd's content store at %s: %w: %w", desc.Digest, p, errdefs.ErrNotFound, err)
+	}
+	if !st.Mode().IsRegular() {
+		_ = f.Close()
+		return nil, fmt.Errorf("read layer %s: %s is not a regular file (mode %v): %w", desc.Digest, p, st.Mode(), errdefs.ErrNotFound)
+	}
+	// containerd renames a blob into place complete, so a size that
+	// disagrees with the descriptor is another blob's descriptor, or damage.
+	if desc.Size > 0 && st.Size() != desc.Size {
+		_ = f.Close()
+		return nil, fmt.Errorf("read layer %s: %s has %d bytes, the descriptor says %d: %w", desc.Digest, p, st.Size(), desc.Size, errdefs.ErrFailedPrecondition)
+	}
+	return blobReader{f: f, size: st.Size()}, nil
+}
+
+// blobReader is an open blob.
+type blobReader struct {
+	f    *os.File
+	size int64
+}
+
+func (b blobReader) ReadAt(p []byte, off int64) (int, error) { return b.f.ReadAt(p, off) }
+func (b blobReader) Size() int64                             { return b.size }
+func (b blobReader) Close() error                            { return b.f.Close() }
+
+// defaultContentDir is containerd's content store directory for a
+// containerd set up the usual way for the user this server runs as:
+// /var/lib/containerd for root; for a rootless user (not root, or root of a
+// user namespace, as under nerdctl's `containerd-rootless-setuptool.sh
+// nsenter`) $XDG_DATA_HOME/containerd, by default ~/.local/share/containerd,
+// which nerdctl's containerd-rootless.sh binds onto /var/lib/containerd.
+func defaultContentDir(getenv func(string) string, rootless bool) (string, error) {
+	if !rootless {
+		return filepath.Join("/var/lib/containerd", contentSubdir), nil
+	}
+	if d := getenv("XDG_DATA_HOME"); filepath.IsAbs(d) {
+		return filepath.Join(d, "containerd", contentSubdir), nil
+	}
+	if h := getenv("HOME"); filepath.IsAbs(h) {
+		return filepath.Join(h, ".local", "share", "containerd", contentSubdir), nil
+	}
+	return "", fmt.Errorf("choose containerd's content store directory: neither XDG_DATA_HOME nor HOME is an absolute path; give --content-dir or content_dir: %w", errdefs.ErrInvalidArgument)
+}
+
+// runningRootless tells whether this process is an unprivileged user or
+// root of a user namespace, where containerd runs rootless.
+func runningRootless() bool {
+	return os.Geteuid() != 0 || userns.RunningInUserNS()
+}
