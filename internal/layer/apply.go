@@ -306,7 +306,7 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 		return err
 	}
 	if src == nil {
-		w.rec.link(Link{Name: target, Target: w.pendingTarget(hdr.Linkname), Meta: metaOf(hdr)})
+		w.rec.link(Link{Name: target, Target: w.pendingTarget(hdr.Linkname), As: hdr.Linkname, Meta: metaOf(hdr)})
 		return nil // made by Finish
 	}
 	if err := linkAt(src, sbase, parent, base); err != nil {

@@ -459,6 +459,7 @@ func (w *writer) mergeEntry(from *dirFD, n string, dst *dirFD, old string) error
 func (w *writer) finishLinks(links []Link) error {
 	type group struct {
 		target   string
+		as       string
 		detached bool
 		names    []string
 	}
@@ -468,7 +469,7 @@ func (w *writer) finishLinks(links []Link) error {
 		key := fmt.Sprintf("%t:%s", l.Detached, l.Target)
 		g := byKey[key]
 		if g == nil {
-			g = &group{target: l.Target, detached: l.Detached}
+			g = &group{target: l.Target, as: l.As, detached: l.Detached}
 			byKey[key] = g
 			groups = append(groups, g)
 		}
@@ -478,7 +479,10 @@ func (w *writer) finishLinks(links []Link) error {
 		err := w.finishLinkGroup(g.target, g.detached, g.names)
 		w.cache.release()
 		if err != nil {
-			return err
+			if g.as != "" && cleanRel(g.as) != g.target {
+				return fmt.Errorf("hard link %q to %q: %w", g.names[0], g.as, err)
+			}
+			return fmt.Errorf("hard link %q: %w", g.names[0], err)
 		}
 	}
 	for _, l := range links {

@@ -18,8 +18,11 @@ import (
 type Link struct {
 	// Name is the link's real path in the layer.
 	Name string `json:"name"`
-	// Target is the target's name as in the tar.
+	// Target is the target's name, resolved through the layer's own
+	// symlinks as they were when the link was applied.
 	Target string `json:"target"`
+	// As is the target as the tar names it, for messages.
+	As string `json:"as,omitempty"`
 	// Detached: the layer replaced or removed the target after linking to
 	// it, so the link gets its own copy of the lower file.
 	Detached bool `json:"detached,omitempty"`
