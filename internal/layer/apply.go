@@ -53,6 +53,7 @@ type writer struct {
 	implied    map[string]bool // Finish: the implied directories, by their path at apply time
 	looked     []string        // positions rootPath looked at, for the cache
 	broken     bool            // Finish failed while moving entries
+	followed   []string        // Finish: the layer's symlinks later entries went through
 }
 
 var inUserNS = userns.RunningInUserNS
@@ -241,6 +242,14 @@ func (w *writer) create(parent *dirFD, base string, hdr *tar.Header, r io.Reader
 		if err := parent.mkdir(base, 0o700); err != nil {
 			return err
 		}
+		if !replacedWhiteout {
+			// Over a lower directory it keeps that one's xattrs (as the
+			// directory containerd keeps) before the entry's own.
+			if err := w.copyLowerXattrs(parent, base); err != nil {
+				return err
+			}
+			w.rec.madeDir(join(parent.rel, base))
+		}
 		if replacedWhiteout {
 			// Deleted and re-created in this layer: nothing below shows.
 			d, err := parent.open(base)
@@ -372,6 +381,35 @@ func (w *writer) pendingTarget(name string) string {
 		return r
 	}
 	return t
+}
+
+// copyLowerXattrs gives base in parent the xattrs of the lowers' directory
+// at the same place, if they have one.
+func (w *writer) copyLowerXattrs(parent *dirFD, base string) error {
+	if len(w.view.roots) < 2 {
+		return nil
+	}
+	rel := join(parent.rel, base)
+	li, st, found, err := w.view.lookupUnder(rel)
+	if err != nil || !found || !isDir(&st) {
+		return err
+	}
+	src, err := w.view.openDir(li, parent.rel)
+	if err != nil {
+		return err
+	}
+	defer src.close()
+	s, err := src.inode(base)
+	if err != nil {
+		return err
+	}
+	defer s.close()
+	d, err := parent.inode(base)
+	if err != nil {
+		return err
+	}
+	defer d.close()
+	return copyXattrs(s, d, true)
 }
 
 // copyUpFrom copies rel of lower layer li (stat st) to base in dst.

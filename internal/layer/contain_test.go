@@ -1,6 +1,7 @@
 package layer
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -113,6 +114,13 @@ func (h *harness) check(layers [][]ent, sp runSpec, nat *nativeResult) *failure 
 	o := h.run(layers, sp, nat != nil && nat.usable)
 	if len(o.problems) > 0 {
 		return &failure{"containment", o.problems}
+	}
+	if errors.Is(o.viewErr, unix.ENOMEM) {
+		// fuse-overlayfs 1.10 fails to list a directory over a lower
+		// symlink that points to itself, whatever wrote the layers (seen
+		// with hand-made directories too): nothing to compare.
+		h.tb.Logf("not compared: fuse-overlayfs 1.10 cannot list this stack: %v", o.viewErr)
+		return nil
 	}
 	if o.viewErr != nil {
 		return &failure{"view", []string{fmt.Sprintf("reading through fuse-overlayfs: %v", o.viewErr)}}

@@ -11,13 +11,27 @@ import (
 )
 
 // copyXattrs copies the xattrs of src to dst, leaving out fuse-overlayfs'
-// and overlay's own (opacity and the like belong to a layer, not to a file).
-func copyXattrs(src, dst *inodeFD) error {
+// and overlay's own (opacity and the like belong to a layer, not to a file)
+// and, with keep, those dst has already.
+func copyXattrs(src, dst *inodeFD, keep bool) error {
 	names, err := src.listXattrs()
 	if err != nil {
 		return err
 	}
+	have := map[string]bool{}
+	if keep {
+		own, err := dst.listXattrs()
+		if err != nil {
+			return err
+		}
+		for _, n := range own {
+			have[n] = true
+		}
+	}
 	for _, n := range names {
+		if have[n] {
+			continue
+		}
 		if strings.HasPrefix(n, "trusted.overlay.") || strings.HasPrefix(n, "user.fuseoverlayfs.") || strings.HasPrefix(n, "user.overlay.") {
 			continue
 		}
@@ -55,7 +69,7 @@ func copyMetaAt(src *dirFD, sbase string, dst *dirFD, dbase string) error {
 	if err := d.chmod(s.st.Mode & 0o7777); err != nil {
 		return err
 	}
-	if err := copyXattrs(s, d); err != nil {
+	if err := copyXattrs(s, d, false); err != nil {
 		return err
 	}
 	return d.setTimes([2]unix.Timespec{s.st.Atim, s.st.Mtim})

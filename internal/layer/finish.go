@@ -51,6 +51,7 @@ func (w *writer) finishWithLowers(s *state) error {
 	for _, d := range s.Implied {
 		w.implied[d] = true
 	}
+	w.followed = s.Followed
 	if err := w.checkReplaced(s.Replaced); err != nil {
 		return err
 	}
@@ -65,6 +66,13 @@ func (w *writer) finishWithLowers(s *state) error {
 	}
 	if err := w.finishLinks(s.Links); err != nil {
 		return err
+	}
+	for _, d := range s.Listed {
+		err := w.finishListed(d)
+		w.cache.release()
+		if err != nil {
+			return fmt.Errorf("directory %q: %w", d, err)
+		}
 	}
 	// As for a snapshot prepared on its parent: the root keeps the owner
 	// the image gave it.
@@ -202,6 +210,27 @@ func (w *writer) finishImplicit(name string) error {
 	}
 }
 
+// finishListed gives a directory the tar listed the lowers' xattrs it does
+// not set itself, where the lowers have a directory there.
+func (w *writer) finishListed(name string) error {
+	rel, err := w.resolve(w.view, name, false)
+	if err != nil {
+		if gone(err) {
+			return nil
+		}
+		return err
+	}
+	dir, base := splitDir(rel)
+	if base == "" {
+		return nil
+	}
+	parent, err := w.dir(dir)
+	if err != nil || !parent.exists(base) {
+		return err
+	}
+	return w.copyLowerXattrs(parent, base)
+}
+
 // inheritGroup gives the implied directory base in dir, made before its
 // parents were known, what the kernel gives a directory made in a setgid
 // directory (as a sequential apply would have): the parent's group.
@@ -237,6 +266,9 @@ func (w *writer) relocate(rel string) error {
 	}
 	defer snap.close()
 	target, err := w.relocationDir(rel)
+	if err == nil {
+		err = w.checkMovable(rel, target)
+	}
 	if err != nil {
 		return fmt.Errorf("move entries written under %q to where the parent layers' symlink points: %w", rel, err)
 	}
@@ -293,6 +325,32 @@ func (w *writer) relocationDir(rel string) (string, error) {
 		return "", fmt.Errorf("it leads to %q, which the parent layers have as a non-directory: %w", target, errdefs.ErrFailedPrecondition)
 	}
 	return target, nil
+}
+
+// checkMovable refuses a move whose result depends on the order of the
+// layer's entries: a symlink of the layer under rel that later entries went
+// through (moved, it leads elsewhere), or, moving into an ancestor, an
+// entry that takes the name rel is reached by.
+func (w *writer) checkMovable(rel, target string) error {
+	for _, f := range w.followed {
+		if under(f, rel) {
+			return fmt.Errorf("later entries went through the layer's symlink %q in it: %w", f, errdefs.ErrFailedPrecondition)
+		}
+	}
+	if target != "" && !under(rel, target) {
+		return nil
+	}
+	rest := strings.TrimPrefix(strings.TrimPrefix(rel, target), "/")
+	first, _, _ := strings.Cut(rest, "/")
+	d, err := openStrict(w.root, rel)
+	if err != nil {
+		return err
+	}
+	defer d.close()
+	if d.exists(first) || d.exists(whPrefix+first) {
+		return fmt.Errorf("it leads to %q, where the layer's entry %q would replace the way to it: %w", target, join(rel, first), errdefs.ErrFailedPrecondition)
+	}
+	return nil
 }
 
 // relocationTarget resolves rel, now a symlink of the lowers, through the
@@ -466,6 +524,9 @@ func (w *writer) finishLinks(links []Link) error {
 	var groups []*group
 	byKey := map[string]*group{}
 	for _, l := range links {
+		if l.Ghost {
+			continue
+		}
 		key := fmt.Sprintf("%t:%s", l.Detached, l.Target)
 		g := byKey[key]
 		if g == nil {
@@ -486,6 +547,14 @@ func (w *writer) finishLinks(links []Link) error {
 		}
 	}
 	for _, l := range links {
+		if l.Ghost {
+			err := w.finishGhost(l)
+			w.cache.release()
+			if err != nil {
+				return fmt.Errorf("hard link %q (replaced later) to %q: %w", l.Name, l.As, err)
+			}
+			continue
+		}
 		dir, base := splitDir(l.Name)
 		parent, err := w.dir(dir)
 		if err == nil {
@@ -531,6 +600,19 @@ func (w *writer) finishLinkGroup(target string, detached bool, names []string) e
 		}
 	}
 	return nil
+}
+
+// finishGhost copies up the target of a link whose name the layer
+// replaced later and gives it the link entry's metadata.
+func (w *writer) finishGhost(l Link) error {
+	if err := w.checkLinkTarget(l.Target); err != nil {
+		return err
+	}
+	src, sbase, _, err := w.linkSource(l.Target, "")
+	if err != nil {
+		return err
+	}
+	return w.setMeta(src, sbase, l.Meta.header())
 }
 
 // checkLinkTarget refuses a pending link whose target the parents' symlinks

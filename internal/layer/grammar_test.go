@@ -998,6 +998,20 @@ func (m *extractModel) apply(e ent) bool {
 				break
 			}
 		}
+		// It also removes a lower directory with what this layer wrote in it
+		// (the format hides the lower content only).
+	lowerDirs:
+		for k, n := range m.nodes {
+			if !strictlyBelow(k, pd) || n.layer >= m.layer {
+				continue
+			}
+			for k2, n2 := range m.nodes {
+				if strictlyBelow(k2, k) && n2.layer == m.layer {
+					m.quirks = append(m.quirks, fmt.Sprintf("opaque %q removes lower %q with %q, which this layer wrote in it", e.name, k, k2))
+					break lowerDirs
+				}
+			}
+		}
 		for k, n := range m.nodes {
 			if strictlyBelow(k, pd) && n.layer < m.layer {
 				delete(m.nodes, k)

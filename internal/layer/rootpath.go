@@ -18,6 +18,9 @@ import (
 // result is a real path with no symlink on it, which may not exist yet.
 func (w *writer) rootPath(s *layerStack, name string) (string, error) {
 	r := &rootPather{s: s, real: map[string]string{"/": ""}}
+	if w.detached && s == w.view {
+		r.onUpperLink = func(rel string) { w.rec.followed = append(w.rec.followed, rel) }
+	}
 	p := path.Join("/", name)
 	for {
 		before := r.walked
@@ -38,6 +41,8 @@ type rootPather struct {
 	walked int
 	real   map[string]string // a written directory path -> its real path
 	looked []string          // real positions looked at
+	// onUpperLink is told of every symlink of the top layer followed.
+	onUpperLink func(rel string)
 }
 
 // walkLinks follows continuity's walkLinks: the parent first, then the
@@ -81,8 +86,15 @@ func (r *rootPather) walkLink(p string) (string, bool, error) {
 	if err != nil {
 		return "", false, err
 	}
+	r.upperLink(li, rel)
 	r.walked++
 	return target, true, nil
+}
+
+func (r *rootPather) upperLink(li int, rel string) {
+	if li == 0 && r.onUpperLink != nil {
+		r.onUpperLink(rel)
+	}
 }
 
 // lstat looks at the written path p as the kernel would: its parent
@@ -147,6 +159,7 @@ func (r *rootPather) follow(cur string, comps []string, hops int) (string, bool,
 			if err != nil {
 				return "", false, err
 			}
+			r.upperLink(li, next)
 			if strings.HasPrefix(target, "/") {
 				cur = ""
 			}

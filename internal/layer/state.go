@@ -28,6 +28,10 @@ type Link struct {
 	Detached bool `json:"detached,omitempty"`
 	// Meta is the link entry's metadata, which goes to the linked inode.
 	Meta Meta `json:"meta"`
+	// Ghost: the layer replaced or removed the link's name later; the
+	// target is still copied up with the entry's metadata, as a
+	// sequential apply would have done.
+	Ghost bool `json:"ghost,omitempty"`
 
 	dropped bool // its name was replaced or removed later in the layer
 }
@@ -81,6 +85,12 @@ type state struct {
 	// or listed itself: where the parents have a symlink there, what the
 	// layer wrote through it cannot be placed without the order of entries.
 	Replaced []string `json:"replaced,omitempty"`
+	// Listed holds directories the tar listed and the layer made: over a
+	// lower directory they keep its xattrs, as containerd keeps them.
+	Listed []string `json:"listed,omitempty"`
+	// Followed holds the layer's own symlinks that a later entry's path
+	// went through: moved by Finish, they would lead elsewhere.
+	Followed []string `json:"followed,omitempty"`
 	// Broken says why an earlier Finish failed half way: the layer can no
 	// longer be finished.
 	Broken string `json:"broken,omitempty"`
@@ -102,7 +112,7 @@ func readState(file string) (*state, error) {
 }
 
 func (s *state) empty() bool {
-	return len(s.Links) == 0 && len(s.Implied) == 0 && len(s.Whiteouts) == 0 && len(s.Opaque) == 0 && len(s.Replaced) == 0
+	return len(s.Links) == 0 && len(s.Implied) == 0 && len(s.Whiteouts) == 0 && len(s.Opaque) == 0 && len(s.Replaced) == 0 && len(s.Followed) == 0 && len(s.Listed) == 0
 }
 
 func (s *state) write(file string) error {
@@ -143,6 +153,7 @@ type records struct {
 	targets  node // pending links by their target's name
 	links    []*Link
 	replaced []string
+	followed []string
 	seq      int // of implied directories
 }
 
@@ -156,6 +167,7 @@ type node struct {
 
 	times    *[2]unix.Timespec // a directory's times, set at the end
 	implicit int               // a directory the tar implied: its order, from 1
+	listed   bool              // a directory the tar listed and the layer made
 	whiteout bool              // a whiteout written here
 	written  bool              // an entry of the tar made this (not a copy-up)
 	opaque   bool              // marked opaque
@@ -209,6 +221,12 @@ func (n *node) walk(rel string, fn func(string, *node)) {
 
 func (r *records) load(s *state) {
 	for i := range s.Links {
+		if s.Links[i].Ghost {
+			l := s.Links[i]
+			l.dropped = true
+			r.links = append(r.links, &l)
+			continue
+		}
 		r.link(s.Links[i])
 	}
 	for _, d := range s.Implied {
@@ -220,14 +238,18 @@ func (r *records) load(s *state) {
 	for _, o := range s.Opaque {
 		r.names.at(o, true).opaque = true
 	}
+	for _, d := range s.Listed {
+		r.names.at(d, true).listed = true
+	}
 	r.replaced = append(r.replaced, s.Replaced...)
+	r.followed = append(r.followed, s.Followed...)
 }
 
 func (r *records) state() *state {
-	s := &state{Replaced: r.replaced}
+	s := &state{Replaced: r.replaced, Followed: r.followed}
 	var implied []orderedName
 	for _, l := range r.links {
-		if !l.dropped {
+		if !l.dropped || l.Ghost {
 			s.Links = append(s.Links, *l)
 		}
 	}
@@ -241,12 +263,21 @@ func (r *records) state() *state {
 		if n.opaque {
 			s.Opaque = append(s.Opaque, rel)
 		}
+		if n.listed {
+			s.Listed = append(s.Listed, rel)
+		}
 	})
 	sort.Slice(implied, func(a, b int) bool { return implied[a].seq < implied[b].seq })
 	for _, o := range implied {
 		s.Implied = append(s.Implied, o.name)
 	}
 	return s
+}
+
+// drop notes that the link's name was replaced or removed.
+func (l *Link) drop() {
+	l.dropped = true
+	l.Ghost = !l.Detached
 }
 
 // link records a pending hard link.
@@ -266,7 +297,7 @@ func (r *records) removed(rel string) {
 	if sub := r.names.cut(rel); sub != nil {
 		sub.walk(rel, func(p string, n *node) {
 			for _, l := range n.links {
-				l.dropped = true
+				l.drop()
 			}
 			if n.implicit > 0 {
 				r.replaced = append(r.replaced, p)
@@ -281,7 +312,7 @@ func (r *records) removed(rel string) {
 func (r *records) created(rel string) {
 	if n := r.names.at(rel, false); n != nil {
 		for _, l := range n.links {
-			l.dropped = true
+			l.drop()
 		}
 		n.links = nil
 		n.whiteout = false
@@ -301,6 +332,7 @@ func (r *records) detachTargets(rel string) {
 		sub.walk(rel, func(_ string, n *node) {
 			for _, l := range n.links {
 				l.Detached = true
+				l.Ghost = false // the lower file it would copy up is hidden now
 			}
 		})
 	}
@@ -344,6 +376,13 @@ func (r *records) whiteout(rel string) {
 func (r *records) opaqued(rel string) {
 	if r.detached {
 		r.names.at(rel, true).opaque = true
+	}
+}
+
+// madeDir notes a directory the tar listed and the layer made.
+func (r *records) madeDir(rel string) {
+	if r.detached {
+		r.names.at(rel, true).listed = true
 	}
 }
 
