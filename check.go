@@ -13,6 +13,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
+	"github.com/fosnap/fuseoverlayfs/internal/layer"
 	"golang.org/x/sys/unix"
 )
 
@@ -43,6 +44,9 @@ func Check(root string) (HostInfo, error) {
 		return info, err
 	}
 	if info.OpenFiles, err = probeMount(root); err != nil {
+		return info, err
+	}
+	if err := checkForms(root); err != nil {
 		return info, err
 	}
 	warnOpenFiles(info.OpenFiles)
@@ -141,6 +145,17 @@ func probeMount(root string) (openFiles uint64, err error) {
 		}
 	}
 	return serverOpenFiles(target), nil
+}
+
+// checkForms refuses a root on which no form of whiteout or opaque marker
+// stays visible once written (layer.ProbeForms, as the differ uses it):
+// layers that delete files would come out wrong there.
+func checkForms(root string) error {
+	f := layer.ProbeForms(root)
+	if f.Invisible == "" {
+		return nil
+	}
+	return unsupported(nil, "the snapshotter root %s is on a filesystem where %s do not stay visible once written (a fuse-overlayfs mount hides them): layers that delete files cannot be stored there; put the root on another filesystem (a kernel overlay, ext4, xfs or tmpfs work)", root, f.Invisible)
 }
 
 // unmount unmounts target, detaching it lazily when it is busy so the probe

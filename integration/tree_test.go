@@ -15,22 +15,28 @@ import (
 func TestSameTreeAsNative(t *testing.T) {
 	e := newEnv(t)
 	for _, spec := range []images.Spec{e.fx.features, e.fx.many} {
-		t.Run(strings.ReplaceAll(spec.Repo, "/", "_"), func(t *testing.T) {
-			ref := e.fx.refs[spec.Repo]
-			trees := map[string][]string{}
-			for _, snapshotter := range []string{"native", sn} {
-				e.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
-				id := "tree-" + snapshotter + "-" + strings.ReplaceAll(spec.Repo, "/", "-")
-				out := e.ctr("run", "--rm", "--snapshotter", snapshotter, ref, id, images.ProbePath, "treedump", "/")
-				trees[snapshotter] = treeLines(out)
-			}
-			if diff := diffLines(trees["native"], trees[sn]); diff != "" {
-				t.Fatalf("tree on fuse-overlayfs differs from native (- native, + fuse-overlayfs):\n%s", diff)
-			}
-			checkTree(t, spec, trees[sn])
-			e.ctr("images", "rm", "--sync", ref)
-		})
+		t.Run(strings.ReplaceAll(spec.Repo, "/", "_"), func(t *testing.T) { e.assertSameTreeAsNative(t, spec) })
 	}
+}
+
+// assertSameTreeAsNative pulls spec's image for native and for
+// fuse-overlayfs, dumps the tree seen inside a container on each, and fails t
+// unless they are equal and match what spec says.
+func (e *env) assertSameTreeAsNative(t *testing.T, spec images.Spec) {
+	t.Helper()
+	ref := e.fx.refs[spec.Repo]
+	trees := map[string][]string{}
+	for _, snapshotter := range []string{"native", sn} {
+		e.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
+		id := "tree-" + snapshotter + "-" + strings.ReplaceAll(spec.Repo, "/", "-")
+		out := e.ctr("run", "--rm", "--snapshotter", snapshotter, ref, id, images.ProbePath, "treedump", "/")
+		trees[snapshotter] = treeLines(out)
+	}
+	if diff := diffLines(trees["native"], trees[sn]); diff != "" {
+		t.Fatalf("tree on fuse-overlayfs differs from native (- native, + fuse-overlayfs):\n%s", diff)
+	}
+	checkTree(t, spec, trees[sn])
+	e.ctr("images", "rm", "--sync", ref)
 }
 
 func treeLines(out string) []string {

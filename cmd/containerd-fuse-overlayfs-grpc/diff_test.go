@@ -358,7 +358,7 @@ func TestDiffOverGRPC(t *testing.T) {
 		t.Errorf("missing blob: got %v, want not found naming the digest and where it looked", err)
 	}
 
-	if err := srv.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if err := srv.proc.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
 	if err := waitFor(func() bool { return strings.Contains(srv.out.String(), "SIGHUP") }); err != nil {
@@ -372,7 +372,7 @@ func TestDiffOverGRPC(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if code := srv.exitCode(); code != 0 {

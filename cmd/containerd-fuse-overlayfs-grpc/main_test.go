@@ -46,10 +46,8 @@ func TestMain(m *testing.M) {
 // server is the command started as a child process.
 type server struct {
 	t    testing.TB
-	cmd  *exec.Cmd
+	proc *testutil.Process
 	out  *syncBuffer
-	done chan struct{}
-	err  error
 }
 
 type syncBuffer struct {
@@ -79,7 +77,7 @@ func start(t testing.TB, env []string, args ...string) *server {
 	s.t = t
 	t.Cleanup(func() {
 		if s.kill() {
-			t.Errorf("server (pid %d) was still running at the end of the test; killed it", s.cmd.Process.Pid)
+			t.Errorf("server (pid %d) was still running at the end of the test; killed it", s.proc.PID())
 		}
 	})
 	return s
@@ -90,33 +88,20 @@ func startServer(env []string, args ...string) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &server{out: &syncBuffer{}, done: make(chan struct{})}
-	s.cmd = exec.Command(self, args...)
-	s.cmd.Env = append(append(os.Environ(), runMainEnv+"=1"), env...)
-	s.cmd.Stdout = s.out
-	s.cmd.Stderr = s.out
-	if err := s.cmd.Start(); err != nil {
+	s := &server{out: &syncBuffer{}}
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(append(os.Environ(), runMainEnv+"=1"), env...)
+	cmd.Stdout = s.out
+	cmd.Stderr = s.out
+	if s.proc, err = testutil.StartProcess("server", cmd); err != nil {
 		return nil, err
 	}
-	go func() {
-		s.err = s.cmd.Wait()
-		close(s.done)
-	}()
 	return s, nil
 }
 
 // kill ends a server still running, by its PID, and reports whether it had
 // to.
-func (s *server) kill() bool {
-	select {
-	case <-s.done:
-		return false
-	default:
-		_ = s.cmd.Process.Kill()
-		<-s.done
-		return true
-	}
-}
+func (s *server) kill() bool { return s.proc.Kill() }
 
 // exitCode waits (up to 30 s) for the process and returns its exit code.
 func (s *server) exitCode() int {
@@ -129,17 +114,11 @@ func (s *server) exitCode() int {
 }
 
 func (s *server) wait() (int, error) {
-	select {
-	case <-s.done:
-	case <-time.After(30 * time.Second):
-		s.kill()
-		return -1, fmt.Errorf("server (pid %d) did not exit within 30s; output:\n%s", s.cmd.Process.Pid, s.out)
+	code, err := s.proc.Wait(30 * time.Second)
+	if err != nil {
+		return code, fmt.Errorf("%w; output:\n%s", err, s.out)
 	}
-	var exit *exec.ExitError
-	if errors.As(s.err, &exit) {
-		return exit.ExitCode(), nil
-	}
-	return 0, s.err
+	return code, nil
 }
 
 // runCommand runs the command to completion and returns its exit code and
@@ -173,8 +152,8 @@ func (s *server) serving(socket string) (snapshots.Snapshotter, *grpc.ClientConn
 			break
 		}
 		select {
-		case <-s.done:
-			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.err, s.out)
+		case <-s.proc.Done():
+			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.proc.Err(), s.out)
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -190,9 +169,9 @@ func (s *server) serving(socket string) (snapshots.Snapshotter, *grpc.ClientConn
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	for {
 		select {
-		case <-s.done:
+		case <-s.proc.Done():
 			_ = conn.Close()
-			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.err, s.out)
+			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.proc.Err(), s.out)
 		default:
 		}
 		err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil })
@@ -442,35 +421,23 @@ func TestHostCheckMessage(t *testing.T) {
 }
 
 // notifySocket is a fake systemd notification socket.
-type notifySocket struct {
-	path string
-	conn *net.UnixConn
-}
+type notifySocket struct{ *testutil.NotifySocket }
 
 func newNotifySocket(t *testing.T, dir string) *notifySocket {
 	t.Helper()
-	path := filepath.Join(dir, "notify.sock")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	n, err := testutil.NewNotifySocket(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = conn.Close() })
-	return &notifySocket{path: path, conn: conn}
+	t.Cleanup(func() { _ = n.Close() })
+	return &notifySocket{n}
 }
 
 // expect waits (up to 30 s) for a datagram and checks its content.
 func (n *notifySocket) expect(t *testing.T, want string) {
 	t.Helper()
-	if err := n.conn.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
+	if err := n.Expect(want, 30*time.Second); err != nil {
 		t.Fatal(err)
-	}
-	buf := make([]byte, 4096)
-	k, err := n.conn.Read(buf)
-	if err != nil {
-		t.Fatalf("waiting for %q on NOTIFY_SOCKET: %v", want, err)
-	}
-	if got := string(buf[:k]); got != want {
-		t.Fatalf("NOTIFY_SOCKET got %q, want %q", got, want)
 	}
 }
 
@@ -487,7 +454,7 @@ func TestServe(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte("sync_remove = true\nmount_options = ['noacl']\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"NOTIFY_SOCKET=" + notify.path}
+	env := []string{"NOTIFY_SOCKET=" + notify.Path}
 
 	srv := start(t, env, socket, root, "--config", cfg, "--log-level", "debug")
 	notify.expect(t, "READY=1")
@@ -536,7 +503,7 @@ func TestServe(t *testing.T) {
 	})
 
 	// SIGTERM: stops serving, exits 0, removes the socket, says STOPPING.
-	if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	if code := srv.exitCode(); code != 0 {
@@ -587,7 +554,7 @@ func TestServe(t *testing.T) {
 	if err != nil || len(entries) != 0 {
 		t.Errorf("snapshots/ after removing everything: %v, %v", entries, err)
 	}
-	if err := srv.cmd.Process.Signal(syscall.SIGINT); err != nil {
+	if err := srv.proc.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
 	if code := srv.exitCode(); code != 0 {
@@ -814,7 +781,7 @@ func TestSocketSafety(t *testing.T) {
 		if code != exitFailure || !strings.Contains(out, "is in use by another process") {
 			t.Errorf("second server on the same root: exit %d, output %q", code, out)
 		}
-		if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
 		if code := srv.exitCode(); code != 0 {
@@ -855,7 +822,7 @@ func TestSnapshotterSuiteOverGRPC(t *testing.T) {
 		}
 		return sn, func() error {
 			_ = conn.Close()
-			if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
 				return err
 			}
 			code, err := srv.wait()

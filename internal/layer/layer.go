@@ -46,6 +46,11 @@ type Forms struct {
 	DeviceWhiteouts bool
 	// OpaqueXattr names the xattr set to "y" on opaque directories.
 	OpaqueXattr string
+	// Invisible, when not empty, says which markers the probe could not
+	// make visible in any form on the filesystem (a fuse-overlayfs mount
+	// refuses or hides them all): layers that delete files, or make a
+	// directory opaque, cannot be stored there.
+	Invisible string
 }
 
 // FallbackForms are the forms that work without any privilege.
@@ -53,9 +58,13 @@ var FallbackForms = Forms{DeviceWhiteouts: false, OpaqueXattr: OpaqueXattrUser}
 
 var probed sync.Map // filesystem device -> Forms
 
-// ProbeForms finds out, by trying in dir (which must exist and be on the
-// layer's filesystem), whether this process may create 0/0 character devices
-// and trusted.* xattrs there. The answer is cached per filesystem.
+// ProbeForms finds out, by writing each form in dir (which must exist and be
+// on the layer's filesystem) and looking for it again, which whiteout and
+// opaque forms this process can create there and still see: privilege is
+// not enough on a nested host. A kernel overlay refuses the mknod of a 0/0
+// device (EPERM) but keeps `.wh.` files; a fuse-overlayfs mount turns a 0/0
+// device into its own whiteout and refuses `.wh.` names and the opaque
+// xattrs. The answer is cached per filesystem.
 func ProbeForms(dir string) Forms {
 	var st unix.Stat_t
 	if err := unix.Stat(dir, &st); err != nil {
@@ -78,13 +87,56 @@ func probeForms(dir string) Forms {
 		return f
 	}
 	defer func() { _ = os.RemoveAll(tmp) }()
-	if unix.Mknod(tmp+"/wh", unix.S_IFCHR, 0) == nil {
-		f.DeviceWhiteouts = true
+	var invisible []string
+	f.DeviceWhiteouts = deviceWhiteoutVisible(tmp + "/wh")
+	if !f.DeviceWhiteouts && !fileWhiteoutVisible(tmp+"/"+whPrefix+"wh") {
+		invisible = append(invisible, "whiteouts (neither a 0/0 character device nor a .wh. file)")
 	}
-	if unix.Lsetxattr(tmp, OpaqueXattrTrusted, []byte("y"), 0) == nil {
-		f.OpaqueXattr = OpaqueXattrTrusted
+	f.OpaqueXattr = ""
+	for _, x := range []string{OpaqueXattrTrusted, OpaqueXattrUser} {
+		if xattrVisible(tmp, x) {
+			f.OpaqueXattr = x
+			break
+		}
 	}
+	if f.OpaqueXattr == "" {
+		f.OpaqueXattr = FallbackForms.OpaqueXattr
+		invisible = append(invisible, "opaque markers (neither "+OpaqueXattrTrusted+" nor "+OpaqueXattrUser+")")
+	}
+	f.Invisible = strings.Join(invisible, " and ")
 	return f
+}
+
+// deviceWhiteoutVisible creates a 0/0 character device at p and reports
+// whether it is then there as one.
+func deviceWhiteoutVisible(p string) bool {
+	if unix.Mknod(p, unix.S_IFCHR, 0) != nil {
+		return false
+	}
+	var st unix.Stat_t
+	return unix.Lstat(p, &st) == nil && isWhiteoutDev(&st)
+}
+
+// fileWhiteoutVisible creates an empty file at p and reports whether it is
+// then there as a regular file.
+func fileWhiteoutVisible(p string) bool {
+	fd, err := unix.Open(p, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return false
+	}
+	_ = unix.Close(fd)
+	var st unix.Stat_t
+	return unix.Lstat(p, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG
+}
+
+// xattrVisible sets xattr x to "y" on dir and reports whether it reads back.
+func xattrVisible(dir, x string) bool {
+	if unix.Lsetxattr(dir, x, []byte("y"), 0) != nil {
+		return false
+	}
+	buf := make([]byte, 8)
+	n, err := unix.Lgetxattr(dir, x, buf)
+	return err == nil && string(buf[:n]) == "y"
 }
 
 // isWhiteoutDev reports whether st is a 0/0 character device.

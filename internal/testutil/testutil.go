@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 )
 
 // InCI reports whether the tests run in CI, where a missing prerequisite is a
@@ -92,23 +94,19 @@ func Owner(t testing.TB, path string) (uint32, uint32) {
 }
 
 // FUSEMounts lists the mount points in this mount namespace of
-// fuse-overlayfs mounts whose mount point or options contain marker.
+// fuse-overlayfs mounts whose mount point or options contain marker
+// (moby/sys/mountinfo, the parser recovery.go uses).
 func FUSEMounts(marker string) []string {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(func(m *mountinfo.Info) (skip, stop bool) {
+		line := m.Mountpoint + " " + m.Options + " " + m.VFSOptions + " " + m.Source
+		return !strings.Contains(m.FSType+" "+m.Source, "fuse-overlayfs") || !strings.Contains(line, marker), false
+	})
 	if err != nil {
 		return nil
 	}
 	var found []string
-	for _, line := range strings.Split(string(data), "\n") {
-		if !strings.Contains(line, "fuse-overlayfs") || !strings.Contains(line, marker) {
-			continue
-		}
-		fields := strings.Fields(line)
-		if len(fields) > 4 {
-			found = append(found, fields[4])
-		} else {
-			found = append(found, line)
-		}
+	for _, m := range infos {
+		found = append(found, m.Mountpoint)
 	}
 	return found
 }

@@ -8,6 +8,9 @@
 //	probe treedump DIR        print one line per file below DIR (see below)
 //	probe pause               wait for SIGTERM or SIGINT, then exit 0
 //	probe show FILE...        print files, then "ready", then pause
+//	probe churn FILE          until SIGTERM or SIGINT: write a growing counter
+//	                          to FILE (via FILE.tmp and a rename) and read it
+//	                          back; exit 3 on the first error
 package main
 
 import (
@@ -24,6 +27,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -54,6 +58,11 @@ func main() {
 		}
 	case "pause":
 		pause()
+	case "churn":
+		if len(args) != 1 {
+			fail("usage: probe churn FILE")
+		}
+		churn(args[0])
 	case "show":
 		catFiles(args)
 		fmt.Println("ready")
@@ -61,6 +70,39 @@ func main() {
 	default:
 		fail("unknown subcommand " + os.Args[1])
 	}
+}
+
+// churn writes and reads back a counter in file until SIGTERM or SIGINT.
+func churn(file string) {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	for n := 1; ; n++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		want := strconv.Itoa(n)
+		if err := os.WriteFile(file+".tmp", []byte(want), 0o644); err != nil {
+			churnFail(err)
+		}
+		if err := os.Rename(file+".tmp", file); err != nil {
+			churnFail(err)
+		}
+		got, err := os.ReadFile(file)
+		if err != nil {
+			churnFail(err)
+		}
+		if string(got) != want {
+			churnFail(fmt.Errorf("read %q back, wrote %q", got, want))
+		}
+		time.Sleep(20 * time.Millisecond) // a steady workload, not a busy loop
+	}
+}
+
+func churnFail(err error) {
+	fmt.Fprintln(os.Stderr, "probe churn:", err)
+	os.Exit(3)
 }
 
 func fail(msg string) {

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -36,9 +37,7 @@ type Containerd struct {
 	Dir, Root, State, Address, ConfigPath, LogPath, HostsDir, Bin string
 
 	opts Options
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	proc *testutil.Process
 }
 
 // LoadConfig reads the README's containerd configuration and points the
@@ -153,7 +152,7 @@ func StartContainerd(ctx context.Context, opts Options) (*Containerd, error) {
 			return nil, err
 		}
 	}
-	if err := c.start(ctx); err != nil {
+	if err := c.Start(ctx); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -171,10 +170,12 @@ func WriteHostsConfig(dir, registry string) error {
 	return os.WriteFile(filepath.Join(d, "hosts.toml"), []byte(hosts), 0o600)
 }
 
-func (c *Containerd) start(ctx context.Context) error {
+// Start starts the daemon (again, after Stop or Kill) on the same root,
+// state and configuration, and waits until it answers on its socket.
+func (c *Containerd) Start(ctx context.Context) error {
 	logf, err := os.OpenFile(c.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		return err
+		return fmt.Errorf("open containerd log: %w", err)
 	}
 	// The child has its own descriptor once started.
 	defer func() { _ = logf.Close() }()
@@ -187,21 +188,10 @@ func (c *Containerd) start(ctx context.Context) error {
 	// Own process group: a ^C to the test must not kill containerd before
 	// the test has cleaned up through it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start containerd: %w", err)
+	if c.proc, err = testutil.StartProcess("containerd", cmd); err != nil {
+		return err
 	}
-	c.cmd = cmd
-	c.done = make(chan struct{})
-	go func() {
-		c.err = cmd.Wait()
-		close(c.done)
-	}()
-	err = Poll(60*time.Second, 100*time.Millisecond, func() error {
-		select {
-		case <-c.done:
-			return errExited
-		default:
-		}
+	err = c.proc.WaitReady(60*time.Second, func() error {
 		_, err := c.Ctr(ctx, "version")
 		return err
 	})
@@ -212,36 +202,33 @@ func (c *Containerd) start(ctx context.Context) error {
 	return nil
 }
 
-var errExited = errors.New("containerd exited")
-
 // PID returns the daemon's process ID.
-func (c *Containerd) PID() int { return c.cmd.Process.Pid }
+func (c *Containerd) PID() int { return c.proc.PID() }
 
 // Running reports whether the daemon process is still alive.
-func (c *Containerd) Running() bool {
-	select {
-	case <-c.done:
-		return false
-	default:
-		return true
-	}
-}
+func (c *Containerd) Running() bool { return c.proc != nil && c.proc.Running() }
 
 // Stop ends containerd by its PID: SIGTERM, then SIGKILL if it has not
 // exited within 30 seconds.
 func (c *Containerd) Stop() error {
-	if c.cmd == nil || !c.Running() {
+	if !c.Running() {
 		return nil
 	}
-	_ = c.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-c.done:
-		return nil
-	case <-time.After(30 * time.Second):
+	if err := c.proc.Stop(30 * time.Second); err != nil && !isSignalExit(err) {
+		return err
 	}
-	_ = c.cmd.Process.Kill()
-	<-c.done
-	return fmt.Errorf("containerd (pid %d) ignored SIGTERM for 30s and was killed", c.cmd.Process.Pid)
+	return nil
+}
+
+// Kill ends containerd with SIGKILL by its PID, as a crash would.
+func (c *Containerd) Kill() bool { return c.Running() && c.proc.Kill() }
+
+// isSignalExit reports whether err is only the exit status of a process
+// that ended on a signal or with a non-zero status, which containerd may
+// do on SIGTERM.
+func isSignalExit(err error) bool {
+	var exit *exec.ExitError
+	return errors.As(err, &exit)
 }
 
 // Restart stops containerd and starts it again on the same root and state.
@@ -249,7 +236,7 @@ func (c *Containerd) Restart(ctx context.Context) error {
 	if err := c.Stop(); err != nil {
 		return err
 	}
-	return c.start(ctx)
+	return c.Start(ctx)
 }
 
 // LogTail returns the last n lines of containerd's log.

@@ -1,8 +1,6 @@
 package harness
 
 import (
-	"bufio"
-	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,53 +46,18 @@ func (l Leftovers) String() string {
 	return b.String()
 }
 
-// Mounts parses /proc/self/mountinfo.
+// Mounts lists this mount namespace's mounts (moby/sys/mountinfo, the
+// parser recovery.go uses).
 func Mounts() ([]Mount, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	infos, err := mountinfo.GetMounts(nil)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
-	var mounts []Mount
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if len(fields) < 5 || sep < 0 || sep+2 >= len(fields) {
-			continue
-		}
-		mounts = append(mounts, Mount{
-			Point:  unescapeMountinfo(fields[4]),
-			FSType: fields[sep+1],
-			Source: unescapeMountinfo(fields[sep+2]),
-		})
+	mounts := make([]Mount, 0, len(infos))
+	for _, m := range infos {
+		mounts = append(mounts, Mount{Point: m.Mountpoint, FSType: m.FSType, Source: m.Source})
 	}
-	return mounts, sc.Err()
-}
-
-// unescapeMountinfo undoes the kernel's octal escapes (\040 for a space...).
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return mounts, nil
 }
 
 // FindLeftovers lists the mounts at or below dir and the processes (other

@@ -3,15 +3,14 @@ package harness
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -80,100 +79,75 @@ func mergeTOML(dst, src map[string]any) {
 type ProxyServer struct {
 	Socket, Root, ContentDir, LogPath string
 
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	proc *testutil.Process
 }
 
 // StartProxyServer starts bin/containerd-fuse-overlayfs-grpc on socket and
 // root, reading layers from contentDir, logging at debug level to logPath,
 // with a private NOTIFY_SOCKET, and waits for its READY=1.
 func StartProxyServer(socket, root, contentDir, logPath string) (*ProxyServer, error) {
-	bin, err := BinDir()
-	if err != nil {
-		return nil, err
-	}
 	p := &ProxyServer{Socket: socket, Root: root, ContentDir: contentDir, LogPath: logPath}
-	notifyDir, err := os.MkdirTemp("", "notify-")
-	if err != nil {
+	if err := p.Start(); err != nil {
 		return nil, err
-	}
-	defer func() { _ = os.RemoveAll(notifyDir) }()
-	notifyPath := filepath.Join(notifyDir, "notify.sock")
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
-	if err != nil {
-		return nil, err
-	}
-	defer func() { _ = notify.Close() }()
-	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	// The child has its own descriptor once started.
-	defer func() { _ = logf.Close() }()
-	p.cmd = exec.Command(filepath.Join(bin, "containerd-fuse-overlayfs-grpc"), socket, root, "--content-dir", contentDir, "--log-level", "debug")
-	p.cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notifyPath)
-	p.cmd.Stdout, p.cmd.Stderr = logf, logf
-	if err := p.cmd.Start(); err != nil {
-		return nil, err
-	}
-	p.done = make(chan struct{})
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	// READY=1 comes once the socket listens; the deadline bounds a server
-	// that hangs.
-	if err := notify.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
-		p.Kill()
-		return nil, err
-	}
-	buf := make([]byte, 256)
-	n, err := notify.Read(buf)
-	if err == nil && string(buf[:n]) != "READY=1" {
-		err = fmt.Errorf("got %q", buf[:n])
-	}
-	if err != nil {
-		p.Kill()
-		log, _ := os.ReadFile(logPath)
-		return nil, fmt.Errorf("containerd-fuse-overlayfs-grpc did not report READY=1: %w; log:\n%s", err, log)
 	}
 	return p, nil
 }
 
+// Start starts the server (again, after Stop or Kill) and waits for its
+// READY=1, which it sends once its socket listens.
+func (p *ProxyServer) Start() error {
+	bin, err := BinDir()
+	if err != nil {
+		return err
+	}
+	notifyDir, err := os.MkdirTemp("", "notify-")
+	if err != nil {
+		return fmt.Errorf("create notify directory: %w", err)
+	}
+	defer func() { _ = os.RemoveAll(notifyDir) }()
+	notify, err := testutil.NewNotifySocket(notifyDir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = notify.Close() }()
+	logf, err := os.OpenFile(p.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("open proxy server log: %w", err)
+	}
+	// The child has its own descriptor once started.
+	defer func() { _ = logf.Close() }()
+	cmd := exec.Command(filepath.Join(bin, "containerd-fuse-overlayfs-grpc"), p.Socket, p.Root, "--content-dir", p.ContentDir, "--log-level", "debug")
+	cmd.Env = append(os.Environ(), notify.Env())
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if p.proc, err = testutil.StartProcess("containerd-fuse-overlayfs-grpc", cmd); err != nil {
+		return err
+	}
+	// The deadline bounds a server that hangs.
+	if err := notify.Expect("READY=1", 30*time.Second); err != nil {
+		p.Kill()
+		log, _ := os.ReadFile(p.LogPath)
+		return fmt.Errorf("containerd-fuse-overlayfs-grpc did not report READY=1: %w; log:\n%s", err, log)
+	}
+	return nil
+}
+
 // PID returns the server's process ID.
-func (p *ProxyServer) PID() int { return p.cmd.Process.Pid }
+func (p *ProxyServer) PID() int { return p.proc.PID() }
 
 // Done is closed once the server exited.
-func (p *ProxyServer) Done() <-chan struct{} { return p.done }
+func (p *ProxyServer) Done() <-chan struct{} { return p.proc.Done() }
 
 // Running reports whether the server is still alive.
-func (p *ProxyServer) Running() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
+func (p *ProxyServer) Running() bool { return p.proc.Running() }
 
 // Stop sends SIGTERM and waits up to 30 s; it fails unless the server
 // exited with status 0 and removed its socket.
 func (p *ProxyServer) Stop() error {
 	if !p.Running() {
-		return p.err
+		return p.proc.Err()
 	}
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		return err
-	}
-	select {
-	case <-p.done:
-	case <-time.After(30 * time.Second):
-		p.Kill()
-		return fmt.Errorf("containerd-fuse-overlayfs-grpc (pid %d) still ran 30s after SIGTERM; killed it", p.PID())
-	}
-	if p.err != nil {
-		return fmt.Errorf("containerd-fuse-overlayfs-grpc after SIGTERM: %w (want exit status 0)", p.err)
+	if err := p.proc.Stop(30 * time.Second); err != nil {
+		return fmt.Errorf("containerd-fuse-overlayfs-grpc after SIGTERM: %w (want exit status 0)", err)
 	}
 	if _, err := os.Lstat(p.Socket); err == nil {
 		return fmt.Errorf("socket %s still there after the server exited", p.Socket)
@@ -185,14 +159,7 @@ func (p *ProxyServer) Stop() error {
 
 // Kill ends the server by its PID if it still runs, and reports whether
 // it had to.
-func (p *ProxyServer) Kill() bool {
-	if !p.Running() {
-		return false
-	}
-	_ = p.cmd.Process.Kill()
-	<-p.done
-	return true
-}
+func (p *ProxyServer) Kill() bool { return p.proc.Kill() }
 
 // Output collects a command's output while it runs, safe to read meanwhile.
 type Output struct {

@@ -1,0 +1,89 @@
+//go:build linux
+
+package testutil
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+)
+
+// KernelOverlay mounts a kernel overlay (empty lower, upper and work
+// directories in a temporary directory) and returns its mount point, as a
+// container's root filesystem would be. The cleanup unmounts it.
+func KernelOverlay(t testing.TB) string {
+	t.Helper()
+	lower, upper, work, target := overlayDirs(t)
+	opts := "lowerdir=" + lower + ",upperdir=" + upper + ",workdir=" + work
+	if err := unix.Mount("overlay", target, "overlay", 0, opts); err != nil {
+		Unavailable(t, "mount a kernel overlay: %v", err)
+	}
+	t.Cleanup(func() { unmountOrFail(t, target) })
+	return target
+}
+
+// FuseOverlay runs fuse-overlayfs in the foreground over empty directories in
+// a temporary directory, waits until its mount shows up, and returns the
+// mount point. The cleanup unmounts it and waits for the server to exit,
+// killing it by PID if it does not within 10 s.
+func FuseOverlay(t testing.TB) string {
+	t.Helper()
+	lower, upper, work, target := overlayDirs(t)
+	cmd := exec.Command("fuse-overlayfs", "-f", "-o", "lowerdir="+lower+",upperdir="+upper+",workdir="+work, target)
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start fuse-overlayfs: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		unmountOrFail(t, target)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+			t.Errorf("fuse-overlayfs (pid %d) still ran 10s after its unmount; killed it", cmd.Process.Pid)
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if mounted, err := mountinfo.Mounted(target); err == nil && mounted {
+			return target
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("fuse-overlayfs exited before mounting %s: %v", target, err)
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fuse-overlayfs did not mount %s within 10s", target)
+		}
+	}
+}
+
+func overlayDirs(t testing.TB) (lower, upper, work, target string) {
+	t.Helper()
+	base := t.TempDir()
+	dirs := []string{filepath.Join(base, "lower"), filepath.Join(base, "upper"), filepath.Join(base, "work"), filepath.Join(base, "mnt")}
+	for _, d := range dirs {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dirs[0], dirs[1], dirs[2], dirs[3]
+}
+
+func unmountOrFail(t testing.TB, target string) {
+	if mounted, err := mountinfo.Mounted(target); err == nil && !mounted {
+		return
+	}
+	if err := unix.Unmount(target, 0); err != nil {
+		_ = unix.Unmount(target, unix.MNT_DETACH)
+		t.Errorf("unmount %s: %v", target, err)
+	}
+}
