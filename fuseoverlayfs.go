@@ -257,7 +257,7 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
 			return fmt.Errorf("commit snapshot %q as %q: %w", key, name, err)
 		}
-		o.unpackFinished(ctx, id)
+		o.dropUnpackState(ctx, id)
 		return nil
 	})
 }

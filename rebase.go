@@ -60,8 +60,8 @@ func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, in
 	return nil
 }
 
-// unpackFinished drops the state finishUnpack used once the commit is stored.
-func (o *snapshotter) unpackFinished(ctx context.Context, id string) {
+// dropUnpackState removes the state finishUnpack used, once the commit is stored.
+func (o *snapshotter) dropUnpackState(ctx context.Context, id string) {
 	stateFile := layer.StateFile(o.root.snapshotDir(id))
 	if err := os.Remove(stateFile); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("path", stateFile).Warn("failed to remove unpack state")

@@ -657,12 +657,12 @@ func TestAttackStateFile(t *testing.T) {
 		{Links: []Link{{Name: "abs/decoy/newlink", Target: "t", Meta: Meta{Mode: 0o777}}}},
 		{Links: []Link{{Name: "x1", Target: "../../../outside", Meta: Meta{Mode: 0o777}}}},
 		{Links: []Link{{Name: "x2", Target: "esc/decoy/file", Meta: Meta{Mode: 0o777}}}},
-		{Links: []Link{{Name: "x3", Target: "lowlink/outside", Detached: true, Meta: Meta{Mode: 0o777}}}},
-		{Links: []Link{{Name: "x4", Target: "lowabs/decoy/file", Detached: true, Meta: Meta{Mode: 0o777}}}},
+		{Links: []Link{{Name: "x3", Target: "lowlink/outside", OwnCopy: true, Meta: Meta{Mode: 0o777}}}},
+		{Links: []Link{{Name: "x4", Target: "lowabs/decoy/file", OwnCopy: true, Meta: Meta{Mode: 0o777}}}},
 		{Links: []Link{{Name: "lowlink/x5", Target: "t", Meta: Meta{Mode: 0o777, Xattrs: map[string]string{paxXattr + "trusted.overlay.opaque": "y", paxXattr + "user.evil": "1"}}}}},
-		{Links: []Link{{Name: "abs", Target: "t", Meta: Meta{Mode: 0o777}}, {Name: "esc", Target: "t", Detached: true, Meta: Meta{Mode: 0o777}}}},
+		{Links: []Link{{Name: "abs", Target: "t", Meta: Meta{Mode: 0o777}}, {Name: "esc", Target: "t", OwnCopy: true, Meta: Meta{Mode: 0o777}}}},
 		{Links: []Link{{Name: "", Target: "", Meta: Meta{Mode: 0o777}}}},
-		{Links: []Link{{Name: "..", Target: "..", Detached: true, Meta: Meta{Mode: 0o777}}}},
+		{Links: []Link{{Name: "..", Target: "..", OwnCopy: true, Meta: Meta{Mode: 0o777}}}},
 	}
 	for i, st := range bad {
 		for _, withLowers := range []bool{true, false} {

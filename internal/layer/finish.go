@@ -516,10 +516,10 @@ func (w *writer) mergeEntry(from *dirFD, n string, dst *dirFD, old string) error
 // them the metadata of their entries in tar order.
 func (w *writer) finishLinks(links []Link) error {
 	type group struct {
-		target   string
-		as       string
-		detached bool
-		names    []string
+		target  string
+		as      string
+		ownCopy bool
+		names   []string
 	}
 	var groups []*group
 	byKey := map[string]*group{}
@@ -527,17 +527,17 @@ func (w *writer) finishLinks(links []Link) error {
 		if l.Ghost {
 			continue
 		}
-		key := fmt.Sprintf("%t:%s", l.Detached, l.Target)
+		key := fmt.Sprintf("%t:%s", l.OwnCopy, l.Target)
 		g := byKey[key]
 		if g == nil {
-			g = &group{target: l.Target, as: l.As, detached: l.Detached}
+			g = &group{target: l.Target, as: l.As, ownCopy: l.OwnCopy}
 			byKey[key] = g
 			groups = append(groups, g)
 		}
 		g.names = append(g.names, l.Name)
 	}
 	for _, g := range groups {
-		err := w.finishLinkGroup(g.target, g.detached, g.names)
+		err := w.finishLinkGroup(g.target, g.ownCopy, g.names)
 		w.cache.release()
 		if err != nil {
 			if g.as != "" && cleanRel(g.as) != g.target {
@@ -568,13 +568,13 @@ func (w *writer) finishLinks(links []Link) error {
 	return nil
 }
 
-func (w *writer) finishLinkGroup(target string, detached bool, names []string) error {
+func (w *writer) finishLinkGroup(target string, ownCopy bool, names []string) error {
 	var (
 		src   *dirFD
 		sbase string
 		err   error
 	)
-	if detached {
+	if ownCopy {
 		// The layer has something else at the target now: the links share
 		// their own copy of the lower file.
 		src, sbase, err = w.copyOfLower(target, names[0])

@@ -23,9 +23,9 @@ type Link struct {
 	Target string `json:"target"`
 	// As is the target as the tar names it, for messages.
 	As string `json:"as,omitempty"`
-	// Detached: the layer replaced or removed the target after linking to
+	// OwnCopy: the layer replaced or removed the target after linking to
 	// it, so the link gets its own copy of the lower file.
-	Detached bool `json:"detached,omitempty"`
+	OwnCopy bool `json:"own_copy,omitempty"`
 	// Meta is the link entry's metadata, which goes to the linked inode.
 	Meta Meta `json:"meta"`
 	// Ghost: the layer replaced or removed the link's name later; the
@@ -277,7 +277,7 @@ func (r *records) state() *state {
 // drop notes that the link's name was replaced or removed.
 func (l *Link) drop() {
 	l.dropped = true
-	l.Ghost = !l.Detached
+	l.Ghost = !l.OwnCopy
 }
 
 // link records a pending hard link.
@@ -286,7 +286,7 @@ func (r *records) link(l Link) {
 	r.links = append(r.links, p)
 	n := r.names.at(l.Name, true)
 	n.links = append(n.links, p)
-	if !l.Detached {
+	if !l.OwnCopy {
 		t := r.targets.at(l.Target, true)
 		t.links = append(t.links, p)
 	}
@@ -331,7 +331,7 @@ func (r *records) detachTargets(rel string) {
 	if sub != nil {
 		sub.walk(rel, func(_ string, n *node) {
 			for _, l := range n.links {
-				l.Detached = true
+				l.OwnCopy = true
 				l.Ghost = false // the lower file it would copy up is hidden now
 			}
 		})
