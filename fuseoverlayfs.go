@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -20,10 +19,12 @@ import (
 	"github.com/containerd/log"
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 type snapshotter struct {
-	root        layout
+	root        layout.Root
 	ms          *storage.MetaStore
 	asyncRemove bool
 	options     []string
@@ -48,7 +49,7 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 	if err := validateRoot(root); err != nil {
 		return nil, err
 	}
-	l := layout(root)
+	l := layout.Root(root)
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("create snapshotter root: %w", err)
 	}
@@ -64,7 +65,7 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 	if !dtype {
 		return nil, fmt.Errorf("%s does not support d_type (an xfs formatted without ftype=1?): %w", root, errdefs.ErrNotImplemented)
 	}
-	for _, dir := range []string{l.snapshotsDir(), l.emptyDir()} {
+	for _, dir := range []string{l.Snapshots(), l.Empty()} {
 		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
@@ -94,7 +95,7 @@ const metaStoreTimeout = 5 * time.Second
 // transaction), so that nothing in the root is touched unless this process
 // owns it. A root another process holds fails with errdefs.ErrUnavailable.
 func openMetaStore(root string) (*storage.MetaStore, error) {
-	path := filepath.Join(root, "metadata.db")
+	path := layout.Root(root).Metadata()
 	ms, err := storage.NewMetaStore(path, func(o *bolt.Options) error {
 		o.Timeout = metaStoreTimeout
 		return nil
@@ -179,7 +180,7 @@ func (o *snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		return snapshots.Usage{}, err
 	}
 	if info.Kind == snapshots.KindActive {
-		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
+		du, err := fs.DiskUsage(ctx, o.root.FS(id))
 		if err != nil {
 			return snapshots.Usage{}, fmt.Errorf("measure usage of %q: %w", key, err)
 		}
@@ -250,7 +251,7 @@ func (o *snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if err := o.finishUnpack(ctx, id, key, name, info, base.Parent); err != nil {
 			return err
 		}
-		du, err := fs.DiskUsage(ctx, o.root.fsPath(id))
+		du, err := fs.DiskUsage(ctx, o.root.FS(id))
 		if err != nil {
 			return fmt.Errorf("measure usage of %q: %w", key, err)
 		}
@@ -278,8 +279,8 @@ func (o *snapshotter) Remove(ctx context.Context, key string) error {
 	if !o.asyncRemove {
 		// The metadata is gone for good; a directory that fails to go now is
 		// one Cleanup will find, so this is not the caller's error.
-		if err := removeAll(o.root.snapshotDir(id)); err != nil {
-			log.G(ctx).WithError(err).WithField("path", o.root.snapshotDir(id)).Warn("failed to remove snapshot directory; Cleanup will retry")
+		if err := removeAll(o.root.Snapshot(id)); err != nil {
+			log.G(ctx).WithError(err).WithField("path", o.root.Snapshot(id)).Warn("failed to remove snapshot directory; Cleanup will retry")
 		}
 	}
 	return nil
@@ -328,14 +329,14 @@ func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	entries, err := os.ReadDir(o.root.snapshotsDir())
+	entries, err := os.ReadDir(o.root.Snapshots())
 	if err != nil {
 		return nil, err
 	}
 	var dirs []string
 	for _, e := range entries {
 		if _, ok := ids[e.Name()]; !ok {
-			dirs = append(dirs, o.root.snapshotDir(e.Name()))
+			dirs = append(dirs, o.root.Snapshot(e.Name()))
 		}
 	}
 	return dirs, nil
@@ -385,14 +386,14 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return err
 		}
 		if len(s.ParentIDs) > 0 {
-			if err := copyOwner(o.root.fsPath(s.ParentIDs[0]), tmp+"/fs"); err != nil {
+			if err := copyOwner(o.root.FS(s.ParentIDs[0]), tmp+"/fs"); err != nil {
 				return err
 			}
 		}
-		if err := os.Rename(tmp, o.root.snapshotDir(s.ID)); err != nil {
+		if err := os.Rename(tmp, o.root.Snapshot(s.ID)); err != nil {
 			return fmt.Errorf("move snapshot directory into place: %w", err)
 		}
-		tmp, placed = "", o.root.snapshotDir(s.ID)
+		tmp, placed = "", o.root.Snapshot(s.ID)
 		return nil
 	})
 	if err != nil {
@@ -404,7 +405,7 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 // newSnapshotDir makes a temporary directory holding fs (and work for an
 // active snapshot); it is renamed into place only once the snapshot exists.
 func (o *snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
-	tmp, err := os.MkdirTemp(o.root.snapshotsDir(), "new-")
+	tmp, err := os.MkdirTemp(o.root.Snapshots(), "new-")
 	if err != nil {
 		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
 	}

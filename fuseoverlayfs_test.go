@@ -20,6 +20,8 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // TestSnapshotterSuite runs containerd's snapshotter test suite, mounting
@@ -62,7 +64,7 @@ func newTestSnapshotter(t *testing.T, opts ...Opt) (*snapshotter, context.Contex
 }
 
 func TestMountsByKind(t *testing.T) {
-	l := layout("/r")
+	l := layout.Root("/r")
 	ids := func(n int) []string {
 		var p []string
 		for i := n; i >= 1; i-- {
@@ -242,7 +244,7 @@ func TestBadLabelsRefused(t *testing.T) {
 	if _, err := sn.Stat(ctx, "bad"); !errdefs.IsNotFound(err) {
 		t.Fatalf("refused snapshot exists: %v", err)
 	}
-	entries, err := os.ReadDir(sn.root.snapshotsDir())
+	entries, err := os.ReadDir(sn.root.Snapshots())
 	if err != nil || len(entries) != 0 {
 		t.Fatalf("snapshots dir not empty after refused creates: %v %v", entries, err)
 	}
@@ -293,7 +295,7 @@ func TestOwnerFollowsParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Lchown(sn.root.fsPath(id), 1234, 5678); err != nil {
+	if err := os.Lchown(sn.root.FS(id), 1234, 5678); err != nil {
 		t.Fatal(err)
 	}
 	if err := sn.Commit(ctx, "base", "base-active"); err != nil {
@@ -306,7 +308,7 @@ func TestOwnerFollowsParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	uid, gid := testutil.Owner(t, sn.root.fsPath(cid))
+	uid, gid := testutil.Owner(t, sn.root.FS(cid))
 	if uid != 1234 || gid != 5678 {
 		t.Fatalf("child root owned by %d:%d, want 1234:5678", uid, gid)
 	}
@@ -326,7 +328,7 @@ func TestUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	id, _, _, _ := getInfo(ctx, sn, "a")
-	if err := os.WriteFile(filepath.Join(sn.root.fsPath(id), "f"), make([]byte, 8192), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(sn.root.FS(id), "f"), make([]byte, 8192), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	u, err := sn.Usage(ctx, "a")
@@ -337,7 +339,7 @@ func TestUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Committed usage is what was recorded, not a new measurement.
-	if err := os.WriteFile(filepath.Join(sn.root.fsPath(id), "g"), make([]byte, 8192), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(sn.root.FS(id), "g"), make([]byte, 8192), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cu, err := sn.Usage(ctx, "c")
@@ -356,11 +358,11 @@ func TestAsyncRemoveThenCleanup(t *testing.T) {
 	keepID, _, _, _ := getInfo(ctx, sn, "keep")
 	drop1, _, _, _ := getInfo(ctx, sn, "drop1")
 	drop2, _, _, _ := getInfo(ctx, sn, "drop2")
-	if err := os.WriteFile(filepath.Join(sn.root.fsPath(keepID), "data"), []byte("x"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(sn.root.FS(keepID), "data"), []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// What an interrupted create leaves.
-	if err := os.MkdirAll(filepath.Join(sn.root.snapshotsDir(), "new-123", "fs"), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(sn.root.Snapshots(), "new-123", "fs"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	for _, k := range []string{"drop1", "drop2"} {
@@ -369,21 +371,21 @@ func TestAsyncRemoveThenCleanup(t *testing.T) {
 		}
 	}
 	for _, id := range []string{drop1, drop2} {
-		if _, err := os.Stat(sn.root.snapshotDir(id)); err != nil {
+		if _, err := os.Stat(sn.root.Snapshot(id)); err != nil {
 			t.Fatalf("async remove deleted %s before Cleanup: %v", id, err)
 		}
 	}
 	if err := sn.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
-	entries, err := os.ReadDir(sn.root.snapshotsDir())
+	entries, err := os.ReadDir(sn.root.Snapshots())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(entries) != 1 || entries[0].Name() != keepID {
 		t.Fatalf("after Cleanup: %v, want only %s", entries, keepID)
 	}
-	if b, err := os.ReadFile(filepath.Join(sn.root.fsPath(keepID), "data")); err != nil || string(b) != "x" {
+	if b, err := os.ReadFile(filepath.Join(sn.root.FS(keepID), "data")); err != nil || string(b) != "x" {
 		t.Fatalf("kept snapshot lost its data: %q %v", b, err)
 	}
 	for _, f := range []string{"metadata.db", "empty"} {
@@ -402,7 +404,7 @@ func TestSyncRemove(t *testing.T) {
 	if err := sn.Remove(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(sn.root.snapshotDir(id)); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(sn.root.Snapshot(id)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("sync remove left %s: %v", id, err)
 	}
 }
@@ -449,7 +451,7 @@ func TestRebaseOnCommit(t *testing.T) {
 	}
 	baseID, _, _, _ := getInfo(ctx, sn, "base")
 	layerID, _, _, _ := getInfo(ctx, sn, "layer")
-	want := "lowerdir=" + sn.root.fsPath(layerID) + ":" + sn.root.fsPath(baseID)
+	want := "lowerdir=" + sn.root.FS(layerID) + ":" + sn.root.FS(baseID)
 	if m[0].Options[0] != want {
 		t.Fatalf("mount after rebase: %v, want %s", m[0].Options, want)
 	}
@@ -483,7 +485,7 @@ func TestRootModes(t *testing.T) {
 	s := sn.(*snapshotter)
 	id, _, _, _ := getInfo(ctx, s, "a")
 	for path, want := range map[string]os.FileMode{
-		root: 0o700, s.root.snapshotsDir(): 0o700, s.root.snapshotDir(id): 0o700, s.root.fsPath(id): 0o755,
+		root: 0o700, s.root.Snapshots(): 0o700, s.root.Snapshot(id): 0o700, s.root.FS(id): 0o755,
 	} {
 		st, err := os.Stat(path)
 		if err != nil {

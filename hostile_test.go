@@ -15,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // FuzzMountOptions checks that whatever extra options and ID-mapping labels
@@ -42,7 +44,7 @@ func FuzzMountOptions(f *testing.F) {
 			return
 		}
 		s := storage.Snapshot{Kind: snapshots.KindActive, ID: "7", ParentIDs: []string{"3", "2"}}
-		m, err := buildMounts(layout("/root"), s, labels, opts)
+		m, err := buildMounts(layout.Root("/root"), s, labels, opts)
 		if err != nil {
 			if !errdefs.IsInvalidArgument(err) {
 				t.Fatalf("wrong error class: %v", err)

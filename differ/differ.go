@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -23,8 +22,8 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 
-	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/internal/layer"
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // Differ compares like containerd's walking differ and applies layers
@@ -33,7 +32,7 @@ import (
 // containerd's diff service tries its next differ.
 type Differ struct {
 	provider content.Provider
-	roots    []string
+	roots    []layout.Root
 	comparer diff.Comparer // nil: Compare is not implemented
 	fallback diff.Applier
 	forms    *layer.Forms
@@ -78,7 +77,7 @@ func NewApplier(provider content.Provider, roots []string, opts ...Opt) *Differ 
 	d := &Differ{provider: provider}
 	for _, r := range roots {
 		if r != "" {
-			d.roots = append(d.roots, filepath.Clean(r))
+			d.roots = append(d.roots, layout.Root(filepath.Clean(r)))
 		}
 	}
 	for _, o := range opts {
@@ -198,81 +197,49 @@ func (d *Differ) target(mounts []mount.Mount) (target, error) {
 	if len(mounts) != 1 {
 		return notOurs(fmt.Sprintf("%d mounts", len(mounts)))
 	}
-	m := mounts[0]
-	switch m.Type {
-	case "bind", "rbind":
-		rw := true
-		for _, o := range m.Options {
-			if o == "ro" {
-				rw = false
-			}
-		}
-		if !rw {
+	m, ok := layout.Parse(mounts[0])
+	switch {
+	case !ok:
+		return notOurs("type " + mounts[0].Type)
+	case m.Bind:
+		if !m.RW {
 			return notOurs("read-only bind")
 		}
 		root, id, ok := d.layerOf(m.Source)
 		if !ok {
 			return notOurs("bind source outside the snapshotter roots")
 		}
-		snap := filepath.Join(root, "snapshots", id)
-		return target{dir: m.Source, detached: true, state: layer.StateFile(snap)}, nil
-	case fuseoverlayfs.MountType:
-		var t target
-		var upper, work, lowerOpt string
-		for _, o := range m.Options {
-			k, v, _ := strings.Cut(o, "=")
-			switch k {
-			case "upperdir":
-				upper = v
-			case "workdir":
-				work = v
-			case "lowerdir":
-				lowerOpt = v
-			case "uidmapping", "gidmapping":
-				t.idmapped = true
-			}
-		}
-		if upper == "" {
-			return notOurs("no upperdir")
-		}
-		root, id, ok := d.layerOf(upper)
-		if !ok {
-			return notOurs("upperdir outside the snapshotter roots")
-		}
-		if filepath.Clean(work) != filepath.Join(root, "snapshots", id, "work") {
-			return notOurs("workdir not the snapshot's")
-		}
-		for _, l := range strings.Split(lowerOpt, ":") {
-			if filepath.Clean(l) == filepath.Join(root, "empty") {
-				continue
-			}
-			lroot, _, ok := d.layerOf(l)
-			if !ok || lroot != root {
-				return notOurs("lowerdir outside the snapshotter root")
-			}
-			t.lowers = append(t.lowers, filepath.Clean(l))
-		}
-		t.dir = filepath.Clean(upper)
-		return t, nil
-	default:
-		return notOurs("type " + m.Type)
+		return target{dir: filepath.Clean(m.Source), detached: true, state: layer.StateFile(root.Snapshot(id))}, nil
+	case m.Upper == "":
+		return notOurs("no upperdir")
 	}
-}
-
-// layerOf tells whether p is <root>/snapshots/<id>/fs for one of the roots,
-// and an existing directory.
-func (d *Differ) layerOf(p string) (string, string, bool) {
-	if p == "" || !filepath.IsAbs(p) {
-		return "", "", false
+	root, id, ok := d.layerOf(m.Upper)
+	if !ok {
+		return notOurs("upperdir outside the snapshotter roots")
 	}
-	p = filepath.Clean(p)
-	for _, r := range d.roots {
-		rest, ok := strings.CutPrefix(p, r+"/snapshots/")
-		if !ok {
+	if filepath.Clean(m.Work) != root.Work(id) {
+		return notOurs("workdir not the snapshot's")
+	}
+	t := target{dir: filepath.Clean(m.Upper), idmapped: m.IDMapped}
+	for _, l := range m.Lowers {
+		if filepath.Clean(l) == root.Empty() {
 			continue
 		}
-		id, fs, ok := strings.Cut(rest, "/")
-		if !ok || fs != "fs" || id == "" || strings.Trim(id, "0123456789") != "" {
+		lroot, _, ok := d.layerOf(l)
+		if !ok || lroot != root {
+			return notOurs("lowerdir outside the snapshotter root")
+		}
+		t.lowers = append(t.lowers, filepath.Clean(l))
+	}
+	return t, nil
+}
+
+// layerOf tells whether p is a layer directory of one of the roots (and an
+// existing directory), and whose.
+func (d *Differ) layerOf(p string) (layout.Root, string, bool) {
+	for _, r := range d.roots {
+		id, ok := r.LayerID(p)
+		if !ok {
 			continue
 		}
 		if st, err := os.Lstat(p); err != nil || !st.IsDir() {

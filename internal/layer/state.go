@@ -6,12 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path"
 	"sort"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // Link is a hard link whose target was not in the layer when it was applied.
@@ -133,7 +134,7 @@ func (s *state) write(file string) error {
 // StateFile is where a detached apply of the snapshot whose directory is
 // snapshotDir records what Finish must do.
 func StateFile(snapshotDir string) string {
-	return path.Join(snapshotDir, "unpack-state.json")
+	return layout.UnpackState(snapshotDir)
 }
 
 // HasState reports whether a detached apply left work for Finish.
