@@ -47,13 +47,24 @@ type writer struct {
 	buf      []byte
 	zero     []byte // a zero buffer for sparse writes, made on first use
 
-	layerPath  string          // the layer directory, as the snapshotter named it
-	opaqueDone map[string]bool // directories whose whiteouts an opaque marker dropped
-	relocating bool            // Finish is placing moved entries (see relocate)
-	implied    map[string]bool // Finish: the implied directories, by their path at apply time
-	looked     []string        // positions rootPath looked at, for the cache
-	broken     bool            // Finish failed while moving entries
-	followed   []string        // Finish: the layer's symlinks later entries went through
+	layerPath  string               // the layer directory, as the snapshotter named it
+	opaqueDone map[string]bool      // directories whose whiteouts an opaque marker dropped
+	relocating bool                 // Finish is placing moved entries (see relocate)
+	implied    map[string]bool      // Finish: the implied directories, by their path at apply time
+	looked     []string             // positions rootPath looked at, for the cache
+	broken     bool                 // Finish failed while moving entries
+	followed   []string             // Finish: the layer's symlinks later entries went through
+	linkMemos  map[string]*linkMemo // hard link targets found, by name, until their path changes
+}
+
+// maxLinkMemos bounds linkMemos; a layer links to few files at a time.
+const maxLinkMemos = 32
+
+// linkMemo remembers where a hard link target was found: layers link many
+// names to one file in a row.
+type linkMemo struct {
+	name, rdir, base string
+	st               unix.Stat_t // the target inode as it is now
 }
 
 var inUserNS = userns.RunningInUserNS
@@ -112,7 +123,8 @@ func newWriter(ctx context.Context, root string, lowers []string, forms *Forms) 
 	if err != nil {
 		return nil, err
 	}
-	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache(), layerPath: root, opaqueDone: map[string]bool{}}
+	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache(), layerPath: root, opaqueDone: map[string]bool{},
+		linkMemos: map[string]*linkMemo{}}
 	if forms != nil {
 		w.forms = *forms
 	} else {
@@ -132,6 +144,11 @@ func (w *writer) close() {
 func (w *writer) changed(rel string) {
 	w.cache.forget(rel)
 	delete(w.opaqueDone, rel)
+	for name, m := range w.linkMemos {
+		if under(join(m.rdir, m.base), rel) {
+			delete(w.linkMemos, name)
+		}
+	}
 }
 
 // removed is called after rel was removed from the layer.
@@ -170,6 +187,11 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	target := join(parent.rel, base)
 	if len(target) > maxRel {
 		return fmt.Errorf("path %.64q... is longer than %d bytes: %w", target, maxRel, errdefs.ErrInvalidArgument)
+	}
+	if hdr.Typeflag == tar.TypeLink {
+		if done, err := w.fastLink(parent, base, hdr); done || err != nil {
+			return err
+		}
 	}
 	replacedWhiteout, keep, err := w.clearName(parent, base, hdr.Typeflag == tar.TypeDir)
 	if err != nil {
@@ -321,9 +343,52 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 	if err := linkAt(src, sbase, parent, base); err != nil {
 		return err
 	}
-	// As containerd's extraction does, the link entry's metadata goes to
-	// the (shared) inode.
-	return w.setMetaOf(parent, base, &st, hdr)
+	return w.linkMeta(parent, base, &st, hdr)
+}
+
+// linkMeta gives the (shared) inode the link entry's metadata, as
+// containerd's extraction does; nothing to do when it has it already (the
+// usual case: every name of a file carries the same header).
+func (w *writer) linkMeta(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
+	ts := entryTimes(hdr)
+	if st.Uid == uint32(hdr.Uid) && st.Gid == uint32(hdr.Gid) && st.Mode&0o7777 == uint32(hdr.Mode&0o7777) &&
+		st.Mtim == ts[1] && st.Atim == ts[0] && !hasXattrs(hdr) {
+		return nil
+	}
+	if err := w.setMetaOf(parent, base, st, hdr); err != nil {
+		return err
+	}
+	if m := w.linkMemos[hdr.Linkname]; m != nil {
+		m.st.Uid, m.st.Gid = uint32(hdr.Uid), uint32(hdr.Gid)
+		m.st.Mode = m.st.Mode&^0o7777 | uint32(hdr.Mode&0o7777)
+		m.st.Atim, m.st.Mtim = ts[0], ts[1]
+	}
+	return nil
+}
+
+// fastLink makes a hard link entry whose name is free without looking at
+// the name first (one syscall for the common case); done is false when the
+// name is taken (or a whiteout file could be there) and the entry needs the
+// general path.
+func (w *writer) fastLink(parent *dirFD, base string, hdr *tar.Header) (bool, error) {
+	if !w.forms.DeviceWhiteouts {
+		return false, nil
+	}
+	target := join(parent.rel, base)
+	src, sbase, st, err := w.linkSource(hdr.Linkname, target)
+	if err != nil || src == nil {
+		return false, err
+	}
+	if err := linkAt(src, sbase, parent, base); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return false, nil
+		}
+		return false, err
+	}
+	w.rec.created(target)
+	w.rec.wrote(target)
+	w.changed(target)
+	return true, w.linkMeta(parent, base, &st, hdr)
 }
 
 // linkSource returns the directory and name in the layer of the hard link
@@ -331,6 +396,13 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 // apply a target not in this layer is nil: Finish makes the link.
 func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, error) {
 	var st0 unix.Stat_t
+	if m := w.linkMemos[name]; m != nil {
+		if join(m.rdir, m.base) == linkRel {
+			return nil, "", st0, fmt.Errorf("hard link %q points to itself: %w", linkRel, errdefs.ErrInvalidArgument)
+		}
+		d, err := w.dir(m.rdir)
+		return d, m.base, m.st, err
+	}
 	t := cleanRel(name)
 	if t == "" {
 		return nil, "", st0, fmt.Errorf("hard link to the layer root: %w", errdefs.ErrInvalidArgument)
@@ -363,6 +435,10 @@ func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, 
 					return nil, "", st0, fmt.Errorf("copy up hard link target %q: %w", name, err)
 				}
 			}
+			if len(w.linkMemos) >= maxLinkMemos {
+				clear(w.linkMemos)
+			}
+			w.linkMemos[name] = &linkMemo{name: name, rdir: rdir, base: tbase, st: st}
 			return d, tbase, st, nil
 		}
 	}
