@@ -43,10 +43,14 @@ func FuseOverlay(t testing.TB) string {
 	t.Cleanup(func() {
 		unmountOrFail(t, target)
 		select {
-		case <-done:
+		case err := <-done:
+			if err != nil {
+				t.Logf("fuse-overlayfs (pid %d) exited: %v", cmd.Process.Pid, err)
+			}
 		case <-time.After(10 * time.Second):
 			_ = cmd.Process.Kill()
-			<-done
+			err := <-done
+			t.Errorf("fuse-overlayfs (pid %d): %v", cmd.Process.Pid, err)
 			t.Errorf("fuse-overlayfs (pid %d) still ran 10s after its unmount; killed it", cmd.Process.Pid)
 		}
 	})

@@ -120,7 +120,7 @@ func (p *Process) WaitReady(timeout time.Duration, ready func() error) error {
 		}
 		select {
 		case <-p.done:
-			return fmt.Errorf("%s (pid %d) exited before it was ready (%v): %w", p.Name, p.PID(), p.err, err)
+			return fmt.Errorf("%s (pid %d) exited before it was ready (%w): %w", p.Name, p.PID(), p.err, err)
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
