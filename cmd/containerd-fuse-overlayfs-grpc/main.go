@@ -14,6 +14,7 @@
 // Usage:
 //
 //	containerd-fuse-overlayfs-grpc [flags] <socket> <root>
+//	containerd-fuse-overlayfs-grpc check [--root DIR] [--json]
 //
 // The root may be left out when the configuration file sets root_path. The
 // configuration file takes the keys of the built-in plugin's section
@@ -86,6 +87,9 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "check" {
+		return runCheck(args[1:], stdout, stderr)
+	}
 	o, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
