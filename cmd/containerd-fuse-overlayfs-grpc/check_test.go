@@ -301,3 +301,22 @@ func TestCheckRootOnKernelOverlay(t *testing.T) {
 	wantFinding(t, rep, fuseoverlayfs.CheckKernelOverlayfs, fuseoverlayfs.StatusOK)
 	assertNoProbeLeft(t, root)
 }
+
+// TestMetricsAddress: loopback addresses and unix sockets are accepted,
+// anything reachable from elsewhere is refused as a usage error.
+func TestMetricsAddress(t *testing.T) {
+	for _, ok := range []string{"127.0.0.1:1338", "[::1]:1338", "localhost:1338", "127.0.0.2:9", "unix:/run/fo/metrics.sock"} {
+		if err := checkMetricsAddress(ok); err != nil {
+			t.Errorf("%s refused: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"0.0.0.0:1338", ":1338", "10.0.0.1:1338", "[::]:1338", "example.com:80", "unix:rel.sock", "127.0.0.1", "127.0.0.1:"} {
+		if err := checkMetricsAddress(bad); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
+	}
+	var stderr bytes.Buffer
+	if code := run([]string{"--metrics-address", "0.0.0.0:1338", "/tmp/s.sock", "/tmp/root"}, io.Discard, &stderr); code != exitUsage || !strings.Contains(stderr.String(), "only loopback") {
+		t.Fatalf("exit %d, %s", code, stderr.String())
+	}
+}
