@@ -28,6 +28,7 @@ type snapshotter struct {
 	ms          *storage.MetaStore
 	asyncRemove bool
 	options     []string
+	watch       *watcher // nil when the watcher could not start
 }
 
 // Compile-time proof of the interfaces containerd looks for.
@@ -79,6 +80,10 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 		_ = ms.Close()
 		return nil, fmt.Errorf("recover snapshotter root %s: %w", root, err)
 	}
+	if o.watch, err = startWatcher(o); err != nil {
+		log.L.WithError(err).Warn("cannot watch fuse-overlayfs servers: a server that dies will not be reported")
+	}
+	registerOpen(o)
 	return o, nil
 }
 
@@ -344,6 +349,11 @@ func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 
 // Close releases the metadata store.
 func (o *snapshotter) Close() error {
+	unregisterOpen(o)
+	if o.watch != nil {
+		o.watch.stop()
+		o.watch = nil
+	}
 	return o.ms.Close()
 }
 

@@ -27,3 +27,9 @@ func Check(root string) (HostInfo, error) {
 func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 	return nil, errNotLinux
 }
+
+// Diagnose runs the host checks one by one. On this system it reports one
+// failure: only Linux is supported.
+func Diagnose(root string) []Finding {
+	return []Finding{{Check: "os", Status: StatusFail, Found: errNotLinux.Error(), Fix: "run the snapshotter on Linux"}}
+}

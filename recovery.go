@@ -29,6 +29,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("mountpoint", m).Warn("cannot detach fuse-overlayfs mount whose server is gone")
 			continue
 		}
+		deadMountsFound.WithValues("open").Inc()
 		log.G(ctx).WithField("mountpoint", m).Info("detached fuse-overlayfs mount whose server is gone")
 	}
 	probes, err := filepath.Glob(filepath.Join(string(o.root), ".probe-*"))
@@ -40,6 +41,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", p).Warn("cannot remove leftover probe directory")
 			continue
 		}
+		recoveredDirs.WithValues("probe").Inc()
 		log.G(ctx).WithField("path", p).Info("removed leftover probe directory")
 	}
 	var orphans []string
@@ -54,6 +56,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cannot remove snapshot directory unknown to the metadata store")
 			continue
 		}
+		recoveredDirs.WithValues("orphan").Inc()
 		log.G(ctx).WithField("path", dir).Info("removed snapshot directory unknown to the metadata store")
 	}
 	return nil

@@ -105,8 +105,8 @@ type target struct {
 	idmapped bool
 }
 
-// Apply extracts the layer desc into the snapshot the mounts belong to.
-func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+// apply extracts the layer desc into the snapshot the mounts belong to.
+func (d *Differ) apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
 	t, err := d.target(mounts)
 	if err != nil {
 		return ocispec.Descriptor{}, err

@@ -14,6 +14,7 @@
 // Usage:
 //
 //	containerd-fuse-overlayfs-grpc [flags] <socket> <root>
+//	containerd-fuse-overlayfs-grpc check [--root DIR] [--json]
 //
 // The root may be left out when the configuration file sets root_path. The
 // configuration file takes the keys of the built-in plugin's section
@@ -72,6 +73,7 @@ type options struct {
 	contentDir   string
 	configPath   string
 	logLevel     string
+	metricsAddr  string
 	version      bool
 }
 
@@ -86,12 +88,15 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "check" {
+		return runCheck(args[1:], stdout, stderr)
+	}
 	o, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
 	if err != nil {
-		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--content-dir DIR] [--log-level LEVEL] <socket> <root>\n", name, err, name)
+		_, _ = fmt.Fprintf(stderr, "%s: %v\nusage: %s [--config FILE] [--content-dir DIR] [--log-level LEVEL] [--metrics-address ADDR] <socket> <root>\n       %s check [--root DIR] [--json]\n", name, err, name, name)
 		return exitUsage
 	}
 	if o.version {
@@ -121,6 +126,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys) and content_dir")
 	fs.StringVar(&o.contentDir, "content-dir", "", "containerd's content store `directory`, <containerd root>/"+contentSubdir+", where the layers to apply are read (default: the one of a root containerd, or of a rootless one as nerdctl sets it up)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: trace, debug, info, warn, error, fatal or panic")
+	fs.StringVar(&o.metricsAddr, "metrics-address", "", "serve Prometheus metrics at /v1/metrics on this `address`: 127.0.0.1:PORT, [::1]:PORT, localhost:PORT or unix:/PATH (loopback or a unix socket only); default: not served")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		_, _ = fmt.Fprintf(fs.Output(), "usage: %s [flags] <socket> <root>\n\nServes the fuse-overlayfs snapshotter over containerd's snapshots gRPC API on <socket>,\nkeeping snapshots under <root> (optional when the config file sets root_path), and\nits layer applier over containerd's diff gRPC API on the same socket.\n\nflags:\n", name)
@@ -159,6 +165,11 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	}
 	if err := log.SetLevel(o.logLevel); err != nil {
 		return o, usageError{fmt.Errorf("--log-level %q: %w", o.logLevel, err)}
+	}
+	if o.metricsAddr != "" {
+		if err := checkMetricsAddress(o.metricsAddr); err != nil {
+			return o, usageError{err}
+		}
 	}
 	return o, nil
 }
@@ -301,6 +312,15 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	l, err := listen(o.socket)
 	if err != nil {
 		return err
+	}
+	if o.metricsAddr != "" {
+		stopMetrics, err := serveMetrics(o.metricsAddr)
+		if err != nil {
+			_ = l.Close()
+			return err
+		}
+		defer stopMetrics()
+		log.G(ctx).WithField("address", o.metricsAddr).Info("serving metrics at " + metricsPath)
 	}
 	srv := grpc.NewServer(grpc.UnaryInterceptor(logDiffMetadata))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))

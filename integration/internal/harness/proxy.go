@@ -78,6 +78,8 @@ func mergeTOML(dst, src map[string]any) {
 // ProxyServer is bin/containerd-fuse-overlayfs-grpc, running.
 type ProxyServer struct {
 	Socket, Root, ContentDir, LogPath string
+	// Args are more flags for the server (e.g. --metrics-address).
+	Args []string
 
 	proc *testutil.Process
 }
@@ -116,7 +118,8 @@ func (p *ProxyServer) Start() error {
 	}
 	// The child has its own descriptor once started.
 	defer func() { _ = logf.Close() }()
-	cmd := exec.Command(filepath.Join(bin, "containerd-fuse-overlayfs-grpc"), p.Socket, p.Root, "--content-dir", p.ContentDir, "--log-level", "debug")
+	cmd := exec.Command(filepath.Join(bin, "containerd-fuse-overlayfs-grpc"), p.Socket, p.Root)
+	cmd.Args = append(cmd.Args, append([]string{"--content-dir", p.ContentDir, "--log-level", "debug"}, p.Args...)...)
 	cmd.Env = append(os.Environ(), notify.Env())
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if p.proc, err = testutil.StartProcess("containerd-fuse-overlayfs-grpc", cmd); err != nil {

@@ -1,0 +1,61 @@
+package differ
+
+import (
+	"context"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/diff"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/docker/go-metrics"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// Unpack metrics, registered with the default Prometheus registry as
+// containerd's plugins do (README, "Metrics"). path is "direct" (written
+// straight into the layer directory) or "fallback" (ID-mapped mounts,
+// through the fallback applier); mounts the differ declines are not counted.
+var (
+	unpacks        metrics.LabeledCounter
+	unpackBytes    metrics.LabeledCounter
+	unpackDuration metrics.LabeledTimer
+)
+
+func init() {
+	ns := metrics.NewNamespace("containerd", "fuse_overlayfs", nil)
+	unpacks = ns.NewLabeledCounter("unpacks", "layers applied, by path (direct, fallback) and result (ok, error)", "path", "result")
+	unpackBytes = ns.NewLabeledCounter("unpacked_bytes", "uncompressed bytes of the layers applied, by path", "path")
+	unpackDuration = ns.NewLabeledTimerWithBuckets("unpack_duration", "time to apply one layer, by path",
+		[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}, "path")
+	for _, p := range []string{"direct", "fallback"} {
+		for _, r := range []string{"ok", "error"} {
+			unpacks.WithValues(p, r).Inc(0)
+		}
+		unpackBytes.WithValues(p).Inc(0)
+	}
+	metrics.Register(ns)
+}
+
+// Apply extracts the layer desc into the snapshot the mounts belong to, and
+// counts it.
+func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	path := "direct"
+	if t, err := d.target(mounts); err != nil {
+		return d.apply(ctx, desc, mounts, opts...) // declined: not ours
+	} else if t.idmapped {
+		path = "fallback"
+	}
+	start := time.Now()
+	out, err := d.apply(ctx, desc, mounts, opts...)
+	if path == "fallback" && d.fallback == nil {
+		return out, err // declined too
+	}
+	result := "ok"
+	if err != nil {
+		result = "error"
+	} else {
+		unpackBytes.WithValues(path).Inc(float64(out.Size))
+	}
+	unpacks.WithValues(path, result).Inc()
+	unpackDuration.WithValues(path).UpdateSince(start)
+	return out, err
+}
