@@ -209,7 +209,6 @@ func (w *watcher) parseServer(pid int) (*server, bool) {
 
 // parseCmdline parses the arguments of the server pid.
 func (w *watcher) parseCmdline(pid int, args []string) (*server, bool) {
-	prefix := w.o.root.snapshotsDir() + "/"
 	s := &server{pid: pid}
 	// fuse-overlayfs [-f] -o OPTS MOUNTPOINT, or as mount.fuse3 runs it:
 	// fuse-overlayfs SOURCE MOUNTPOINT -o OPTS.
@@ -241,8 +240,8 @@ func (w *watcher) parseCmdline(pid int, args []string) (*server, bool) {
 				dir, _, _ = strings.Cut(v, ":")
 			}
 		}
-		if rest, ok := strings.CutPrefix(dir, prefix); ok {
-			s.id, _, _ = strings.Cut(rest, "/")
+		if id, ok := w.o.root.LayerID(dir); ok {
+			s.id = id
 		}
 	}
 	return s, s.id != ""

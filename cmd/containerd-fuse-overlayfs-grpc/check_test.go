@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"os/exec"
@@ -32,7 +33,8 @@ func runCheckCmd(t *testing.T, exe, root string, env []string, cred *syscall.Cre
 		var stdout, stderr bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		err := cmd.Run()
-		if ee, ok := err.(*exec.ExitError); ok {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
 			codes[i] = ee.ExitCode()
 		} else if err != nil {
 			t.Fatalf("run %v: %v", args, err)
