@@ -25,7 +25,7 @@ import (
 // commit is stored and can run again, so a refused commit loses nothing.
 // commitParent is the parent named at Commit (snapshots.WithParent), if any.
 func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, info snapshots.Info, commitParent string) error {
-	stateFile := layer.StateFile(o.root.snapshotDir(id))
+	stateFile := layer.StateFile(o.root.Snapshot(id))
 	if !layer.HasState(stateFile) {
 		return nil
 	}
@@ -51,10 +51,10 @@ func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, in
 		if pinfo.Kind != snapshots.KindCommitted {
 			return fmt.Errorf("parent %q of %q is not committed: %w", p, key, errdefs.ErrInvalidArgument)
 		}
-		lowers = append(lowers, o.root.fsPath(pid))
+		lowers = append(lowers, o.root.FS(pid))
 		p = pinfo.Parent
 	}
-	if err := layer.Finish(ctx, o.root.fsPath(id), stateFile, lowers); err != nil {
+	if err := layer.Finish(ctx, o.root.FS(id), stateFile, lowers); err != nil {
 		return fmt.Errorf("finish layer of %q on parent %q: %w", key, parent, err)
 	}
 	return nil
@@ -62,7 +62,7 @@ func (o *snapshotter) finishUnpack(ctx context.Context, id, key, name string, in
 
 // dropUnpackState removes the state finishUnpack used, once the commit is stored.
 func (o *snapshotter) dropUnpackState(ctx context.Context, id string) {
-	stateFile := layer.StateFile(o.root.snapshotDir(id))
+	stateFile := layer.StateFile(o.root.Snapshot(id))
 	if err := os.Remove(stateFile); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("path", stateFile).Warn("failed to remove unpack state")
 	}
