@@ -305,7 +305,7 @@ func (r *modelRun) step(op modelOp) string {
 		if err != nil {
 			return fmt.Sprintf("%v: %v", op, err)
 		}
-		name := filepath.Join(sn.root.fsPath(id), "f"+strconv.Itoa(s.files))
+		name := filepath.Join(sn.root.FS(id), "f"+strconv.Itoa(s.files))
 		if err := os.WriteFile(name, make([]byte, op.Size), 0o644); err != nil {
 			return fmt.Sprintf("%v: %v", op, err)
 		}
@@ -403,7 +403,7 @@ func (r *modelRun) step(op modelOp) string {
 
 // checkDirs compares the snapshot directories with the model's snapshots.
 func (r *modelRun) checkDirs(op modelOp) string {
-	entries, err := os.ReadDir(r.sn.root.snapshotsDir())
+	entries, err := os.ReadDir(r.sn.root.Snapshots())
 	if err != nil {
 		return fmt.Sprintf("%v: %v", op, err)
 	}

@@ -66,7 +66,7 @@ func applyDetached(t *testing.T, ctx context.Context, sn *snapshotter, key strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := layer.Apply(ctx, sn.root.fsPath(id), r, layer.Options{Detached: true, StateFile: layer.StateFile(sn.root.snapshotDir(id))}); err != nil {
+	if err := layer.Apply(ctx, sn.root.FS(id), r, layer.Options{Detached: true, StateFile: layer.StateFile(sn.root.Snapshot(id))}); err != nil {
 		t.Fatal(err)
 	}
 	return id
@@ -88,7 +88,7 @@ func TestRebaseFinishesDetachedLayer(t *testing.T) {
 		t.Fatal(err)
 	}
 	baseID, _, _, _ := getInfo(ctx, sn, "base")
-	if _, err := os.Lstat(filepath.Join(sn.root.fsPath(baseID), "nothing")); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Lstat(filepath.Join(sn.root.FS(baseID), "nothing")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a base layer keeps no whiteouts: %v", err)
 	}
 
@@ -96,7 +96,7 @@ func TestRebaseFinishesDetachedLayer(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := applyDetached(t, ctx, sn, "l-a", testTar(t, tlink("etc/a2", "etc/a"), tfile("lib/x", "x"), tfile(".wh.gone", "")))
-	state := layer.StateFile(sn.root.snapshotDir(id))
+	state := layer.StateFile(sn.root.Snapshot(id))
 	if _, err := os.Stat(state); err != nil {
 		t.Fatalf("detached apply left no state: %v", err)
 	}
@@ -118,7 +118,7 @@ func TestRebaseFinishesDetachedLayer(t *testing.T) {
 	if _, err := os.Stat(state); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state left after commit: %v", err)
 	}
-	fsDir := sn.root.fsPath(id)
+	fsDir := sn.root.FS(id)
 	var a, a2 unix.Stat_t
 	if err := unix.Lstat(filepath.Join(fsDir, "etc/a"), &a); err != nil {
 		t.Fatalf("link target not copied up: %v", err)

@@ -28,7 +28,7 @@ func twoLayers(t *testing.T, sn *snapshotter, ctx context.Context) []mount.Mount
 		t.Fatal(err)
 	}
 	id, _, _, _ := getInfo(ctx, sn, "base-a")
-	if err := os.WriteFile(filepath.Join(sn.root.fsPath(id), "base"), []byte("base"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(sn.root.FS(id), "base"), []byte("base"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := sn.Commit(ctx, "base", "base-a"); err != nil {
@@ -91,8 +91,8 @@ func TestRecoveryAtOpen(t *testing.T) {
 	// What a crash leaves besides the dead mount.
 	for _, d := range []string{
 		filepath.Join(root, ".probe-123", "l1"),
-		filepath.Join(sn.root.snapshotsDir(), "new-456", "fs"),
-		filepath.Join(sn.root.snapshotsDir(), "999", "fs"),
+		filepath.Join(sn.root.Snapshots(), "new-456", "fs"),
+		filepath.Join(sn.root.Snapshots(), "999", "fs"),
 	} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			t.Fatal(err)
@@ -111,7 +111,7 @@ func TestRecoveryAtOpen(t *testing.T) {
 	if len(testutil.FUSEMounts(target)) != 0 {
 		t.Fatalf("dead mount at %s still in mountinfo", target)
 	}
-	for _, gone := range []string{filepath.Join(root, ".probe-123"), filepath.Join(sn.root.snapshotsDir(), "new-456"), filepath.Join(sn.root.snapshotsDir(), "999")} {
+	for _, gone := range []string{filepath.Join(root, ".probe-123"), filepath.Join(sn.root.Snapshots(), "new-456"), filepath.Join(sn.root.Snapshots(), "999")} {
 		if _, err := os.Stat(gone); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s survived recovery: %v", gone, err)
 		}
@@ -125,7 +125,7 @@ func TestRecoveryAtOpen(t *testing.T) {
 		t.Fatalf("snapshots after recovery: %v", keys)
 	}
 	id, _, _, _ := getInfo(ctx, sn, "base")
-	if b, err := os.ReadFile(filepath.Join(sn.root.fsPath(id), "base")); err != nil || string(b) != "base" {
+	if b, err := os.ReadFile(filepath.Join(sn.root.FS(id), "base")); err != nil || string(b) != "base" {
 		t.Fatalf("committed layer damaged: %q %v", b, err)
 	}
 	// The surviving active snapshot mounts again.
@@ -158,12 +158,12 @@ func TestRemoveWithDeadServer(t *testing.T) {
 			m := twoLayers(t, sn, ctx)
 			id, _, _, _ := getInfo(ctx, sn, "work")
 			// The worst case: the dead mount sits inside the directory to remove.
-			target := filepath.Join(sn.root.snapshotDir(id), "mnt")
+			target := filepath.Join(sn.root.Snapshot(id), "mnt")
 			if err := os.Mkdir(target, 0o755); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { _ = unix.Unmount(target, unix.MNT_DETACH) })
-			mountAndKill(t, m, target, sn.root.fsPath(id))
+			mountAndKill(t, m, target, sn.root.FS(id))
 			if err := sn.Remove(ctx, "work"); err != nil {
 				t.Fatal(err)
 			}
@@ -172,7 +172,7 @@ func TestRemoveWithDeadServer(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if _, err := os.Stat(sn.root.snapshotDir(id)); !errors.Is(err, os.ErrNotExist) {
+			if _, err := os.Stat(sn.root.Snapshot(id)); !errors.Is(err, os.ErrNotExist) {
 				t.Fatalf("directory of removed snapshot remains: %v", err)
 			}
 			testutil.RequireNoLeftovers(t, string(sn.root))
