@@ -3,6 +3,7 @@
 package testutil
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,35 +36,26 @@ func FuseOverlay(t testing.TB) string {
 	t.Helper()
 	lower, upper, work, target := overlayDirs(t)
 	cmd := exec.Command("fuse-overlayfs", "-f", "-o", "lowerdir="+lower+",upperdir="+upper+",workdir="+work, target)
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start fuse-overlayfs: %v", err)
+	p, err := StartProcess("fuse-overlayfs", cmd)
+	if err != nil {
+		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	t.Cleanup(func() {
 		unmountOrFail(t, target)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-			t.Errorf("fuse-overlayfs (pid %d) still ran 10s after its unmount; killed it", cmd.Process.Pid)
+		if _, err := p.Wait(10 * time.Second); err != nil {
+			t.Errorf("after its unmount: %v", err)
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if mounted, err := mountinfo.Mounted(target); err == nil && mounted {
-			return target
+	err = p.WaitReady(10*time.Second, func() error {
+		if mounted, err := mountinfo.Mounted(target); err != nil || !mounted {
+			return fmt.Errorf("%s not mounted (%v)", target, err)
 		}
-		select {
-		case err := <-done:
-			t.Fatalf("fuse-overlayfs exited before mounting %s: %v", target, err)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("fuse-overlayfs did not mount %s within 10s", target)
-		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
+	return target
 }
 
 func overlayDirs(t testing.TB) (lower, upper, work, target string) {
