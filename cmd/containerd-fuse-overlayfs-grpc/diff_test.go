@@ -361,8 +361,14 @@ func TestDiffOverGRPC(t *testing.T) {
 	if err := srv.proc.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitFor(func() bool { return strings.Contains(srv.out.String(), "SIGHUP") }); err != nil {
-		t.Fatalf("no SIGHUP line in the log:\n%s", srv.out)
+	err = srv.proc.WaitReady(10*time.Second, func() error {
+		if !strings.Contains(srv.out.String(), "SIGHUP") {
+			return errors.New("no SIGHUP line in the log")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v:\n%s", err, srv.out)
 	}
 	if _, err := sn.Stat(ctx, "upper"); err != nil {
 		t.Fatalf("after SIGHUP: %v", err)
@@ -379,14 +385,4 @@ func TestDiffOverGRPC(t *testing.T) {
 		t.Fatalf("exit %d after SIGTERM:\n%s", code, srv.out)
 	}
 	testutil.RequireNoLeftovers(t, root)
-}
-
-// waitFor polls cond for up to 10 s.
-func waitFor(cond func() bool) error {
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if cond() {
-			return nil
-		}
-	}
-	return errors.New("timed out")
 }
