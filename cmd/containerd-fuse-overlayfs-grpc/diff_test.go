@@ -329,8 +329,10 @@ func TestDiffOverGRPC(t *testing.T) {
 	if got, err := d.Apply(ctx, upperDesc, mapped); err != nil || got.Digest != upperID {
 		t.Fatalf("apply onto an ID-mapped snapshot: %v, %v\n%s", got.Digest, err, srv.out)
 	}
-	if !strings.Contains(srv.out.String(), `level=info msg="layer applied through the mount"`) {
-		t.Errorf("the log does not show the layer applied through the mount:\n%s", srv.out)
+	// The server logs before it answers, but its output reaches srv.out
+	// through a pipe: wait for the line.
+	if err := srv.waitLog(`level=info msg="layer applied through the mount"`); err != nil {
+		t.Errorf("%v:\n%s", err, srv.out)
 	}
 
 	// Not ours: another directory, a foreign type.
@@ -361,13 +363,7 @@ func TestDiffOverGRPC(t *testing.T) {
 	if err := srv.proc.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	err = srv.proc.WaitReady(10*time.Second, func() error {
-		if !strings.Contains(srv.out.String(), "SIGHUP") {
-			return errors.New("no SIGHUP line in the log")
-		}
-		return nil
-	})
-	if err != nil {
+	if err := srv.waitLog("SIGHUP"); err != nil {
 		t.Fatalf("%v:\n%s", err, srv.out)
 	}
 	if _, err := sn.Stat(ctx, "upper"); err != nil {
@@ -385,4 +381,14 @@ func TestDiffOverGRPC(t *testing.T) {
 		t.Fatalf("exit %d after SIGTERM:\n%s", code, srv.out)
 	}
 	testutil.RequireNoLeftovers(t, root)
+}
+
+// waitLog waits up to 10 s for text in the server's output.
+func (s *server) waitLog(text string) error {
+	return s.proc.WaitReady(10*time.Second, func() error {
+		if !strings.Contains(s.out.String(), text) {
+			return fmt.Errorf("no %q in the log", text)
+		}
+		return nil
+	})
 }
