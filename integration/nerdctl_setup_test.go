@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -240,7 +239,7 @@ func TestNerdctlSetupTool(t *testing.T) {
 			server.waitSocket(t, socket)
 			server.assertMainIs(t, "containerd-fuse-overlayfs-grpc")
 			// systemctl reload: the unit's ExecReload, as written.
-			reload := strings.ReplaceAll(fo.values["ExecReload"], "$MAINPID", fmt.Sprint(server.pid))
+			reload := strings.ReplaceAll(fo.values["ExecReload"], "$MAINPID", fmt.Sprint(server.proc.PID()))
 			if out, err := r.user.Shell(context.Background(), env, reload).CombinedOutput(); err != nil {
 				t.Fatalf("%s: %v\n%s", reload, err, out)
 			}
@@ -271,8 +270,8 @@ func TestNerdctlSetupTool(t *testing.T) {
 			if _, err := os.Lstat(socket); err == nil {
 				t.Errorf("socket %s left after the server stopped", socket)
 			}
-			if err := syscall.Kill(d.cmd.Process.Pid, 0); err != nil {
-				t.Fatalf("containerd's RootlessKit is gone before its stop: %v", err)
+			if !d.proc.Running() {
+				t.Fatalf("containerd's RootlessKit is gone before its stop: %v", d.proc.Err())
 			}
 			d.stop(t)
 		})

@@ -2,10 +2,9 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -178,50 +177,26 @@ func TestRootlessReadme(t *testing.T) {
 		if execStart == "" {
 			t.Fatal("README.md's unit has no ExecStart")
 		}
-		notifyPath := filepath.Join(runtimeDir, "notify.sock")
-		notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
+		notify, err := testutil.NewNotifySocket(runtimeDir)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer func() { _ = notify.Close() }()
-		if err := os.Chmod(notifyPath, 0o666); err != nil {
+		if err := os.Chmod(notify.Path, 0o666); err != nil {
 			t.Fatal(err)
 		}
 		var proxyOut harness.Output
-		proxy := r.user.Shell(context.Background(), append(env, "NOTIFY_SOCKET="+notifyPath), "exec "+execStart)
-		proxy.Stdout, proxy.Stderr = &proxyOut, &proxyOut
-		proxy.WaitDelay = 5 * time.Second
-		if err := proxy.Start(); err != nil {
+		proxy, err := r.user.StartShell("the unit's server", append(env, notify.Env()), &proxyOut, "exec "+execStart)
+		if err != nil {
 			t.Fatal(err)
 		}
-		// proxyDone is closed once the server exited; proxyErr is then its
-		// exit status.
-		proxyDone := make(chan struct{})
-		var proxyErr error
-		go func() {
-			proxyErr = proxy.Wait()
-			close(proxyDone)
-		}()
 		defer func() {
-			select {
-			case <-proxyDone:
-			default:
-				_ = proxy.Process.Kill()
-				select {
-				case <-proxyDone:
-				case <-time.After(30 * time.Second):
-					t.Errorf("the unit's server (pid %d) survives SIGKILL", proxy.Process.Pid)
-				}
-				t.Errorf("the unit's server was still running; killed it:\n%s", &proxyOut)
+			if err := proxy.KillLeftover(false); err != nil {
+				t.Errorf("%v:\n%s", err, &proxyOut)
 			}
 		}()
-		if err := notify.SetReadDeadline(time.Now().Add(30 * time.Second)); err != nil {
-			t.Fatal(err)
-		}
-		buf := make([]byte, 64)
-		n, err := notify.Read(buf)
-		if err != nil || string(buf[:n]) != "READY=1" {
-			t.Fatalf("the unit's ExecStart did not report READY=1 (%q, %v):\n%s", buf[:n], err, &proxyOut)
+		if err := notify.Expect("READY=1", 30*time.Second); err != nil {
+			t.Fatalf("the unit's ExecStart did not report READY=1: %v\n%s", err, &proxyOut)
 		}
 
 		out := d.user(t, client)
@@ -254,20 +229,17 @@ func TestRootlessReadme(t *testing.T) {
 
 		// systemd stops the unit with SIGTERM: the server is the unit's
 		// main process (sh and nsenter exec it).
-		if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", proxy.Process.Pid)); err != nil ||
+		if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", proxy.PID())); err != nil ||
 			!strings.HasPrefix(string(cmdline), "containerd-fuse-overlayfs-grpc\x00") {
 			t.Errorf("the unit's main process is not the server: %q, %v", cmdline, err)
 		}
-		if err := proxy.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
+		if !proxy.Running() {
+			t.Fatalf("the unit's server exited before its SIGTERM: %v\n%s", proxy.Err(), &proxyOut)
 		}
-		select {
-		case <-proxyDone:
-			if proxyErr != nil {
-				t.Errorf("the unit's server after SIGTERM: %v, want exit status 0:\n%s", proxyErr, &proxyOut)
-			}
-		case <-time.After(30 * time.Second):
+		if err := proxy.Terminate(30 * time.Second); errors.Is(err, testutil.ErrStillRunning) {
 			t.Fatalf("the unit's server ignored SIGTERM:\n%s", &proxyOut)
+		} else if err != nil {
+			t.Errorf("the unit's server after SIGTERM: %v, want exit status 0:\n%s", err, &proxyOut)
 		}
 		d.stop(t)
 	})
@@ -277,10 +249,8 @@ func TestRootlessReadme(t *testing.T) {
 type readmeContainerd struct {
 	r    *rootlessRun
 	env  []string
-	cmd  *exec.Cmd
-	out  *strings.Builder
-	done chan struct{} // closed when RootlessKit exited
-	err  error         // its exit status, once done is closed
+	proc *testutil.Process // RootlessKit
+	out  *harness.Output
 	// children are RootlessKit's child processes (its namespaces' init,
 	// slirp4netns) by PID, with their command lines: slirp4netns' does
 	// not name the test's directory, so the leftover check cannot see it.
@@ -291,64 +261,19 @@ type readmeContainerd struct {
 // waits for containerd's socket.
 func startReadmeContainerd(t *testing.T, r *rootlessRun, env []string, script string) *readmeContainerd {
 	t.Helper()
-	d := &readmeContainerd{r: r, env: env, out: &strings.Builder{}, done: make(chan struct{})}
+	d := &readmeContainerd{r: r, env: env, out: &harness.Output{}, children: map[int]string{}}
 	// exec: RootlessKit itself is the process to stop; it passes SIGTERM
 	// on to containerd.
-	d.cmd = r.user.Shell(context.Background(), env, "exec "+script)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	d.cmd.WaitDelay = 5 * time.Second
-	if err := d.cmd.Start(); err != nil {
+	var err error
+	if d.proc, err = r.user.StartShell("RootlessKit", env, d.out, "exec "+script); err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		d.err = d.cmd.Wait()
-		close(d.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-d.done:
-		default:
-			// A test that failed before stop: its children may not be
-			// known yet, and must not outlive it either.
-			if d.children == nil {
-				d.children = map[int]string{}
-			}
-			for pid, cmdline := range childrenOf(d.cmd.Process.Pid) {
-				d.children[pid] = cmdline
-			}
-			_ = d.cmd.Process.Kill()
-			select {
-			case <-d.done:
-			case <-time.After(30 * time.Second):
-				t.Errorf("RootlessKit (pid %d) survives SIGKILL", d.cmd.Process.Pid)
-			}
-			t.Errorf("RootlessKit (pid %d) was still running; killed it:\n%s", d.cmd.Process.Pid, d.out)
-			d.reapChildren(t)
-		}
-	})
-	var runtimeDir string
-	for _, kv := range env {
-		if v, ok := strings.CutPrefix(kv, "XDG_RUNTIME_DIR="); ok {
-			runtimeDir = v
-		}
-	}
-	socket := filepath.Join(runtimeDir, "containerd", "containerd.sock")
-	err := harness.Poll(60*time.Second, 100*time.Millisecond, func() error {
-		select {
-		case <-d.done:
-			return fmt.Errorf("exited: %w", d.err)
-		default:
-		}
-		c, err := net.Dial("unix", socket)
-		if err != nil {
-			return err
-		}
-		return c.Close()
-	})
-	if err != nil {
+	t.Cleanup(func() { d.killLeftover(t) })
+	socket := filepath.Join(envValue(env, "XDG_RUNTIME_DIR"), "containerd", "containerd.sock")
+	if err := d.proc.WaitReady(60*time.Second, testutil.SocketReady(socket)); err != nil {
 		t.Fatalf("the README's RootlessKit command did not bring containerd up: %v\n%s", err, d.out)
 	}
-	pid := d.cmd.Process.Pid
+	pid := d.proc.PID()
 	d.children = childrenOf(pid)
 	var names []string
 	for child, cmdline := range d.children {
@@ -356,6 +281,22 @@ func startReadmeContainerd(t *testing.T, r *rootlessRun, env []string, script st
 	}
 	t.Logf("RootlessKit pid %d, children: %s", pid, strings.Join(names, "; "))
 	return d
+}
+
+// killLeftover ends, by PID, a RootlessKit that a failed test did not stop,
+// and its children.
+func (d *readmeContainerd) killLeftover(t *testing.T) {
+	if !d.proc.Running() {
+		return
+	}
+	// The test may have failed before its children were known.
+	for pid, cmdline := range childrenOf(d.proc.PID()) {
+		d.children[pid] = cmdline
+	}
+	if err := d.proc.KillLeftover(false); err != nil {
+		t.Errorf("%v:\n%s", err, d.out)
+	}
+	d.reapChildren(t)
 }
 
 // childrenOf returns the child processes of pid with their command lines.
@@ -405,12 +346,11 @@ func (d *readmeContainerd) user(t *testing.T, script string) string {
 // stop sends SIGTERM to RootlessKit and waits for it and containerd.
 func (d *readmeContainerd) stop(t *testing.T) {
 	t.Helper()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
+	if !d.proc.Running() {
+		t.Fatalf("RootlessKit exited before its stop: %v\n%s", d.proc.Err(), d.out)
 	}
-	select {
-	case <-d.done:
-	case <-time.After(60 * time.Second):
+	// containerd's exit status on SIGTERM does not matter here.
+	if err := d.proc.Terminate(60 * time.Second); errors.Is(err, testutil.ErrStillRunning) {
 		t.Fatalf("RootlessKit and containerd still run 60s after SIGTERM:\n%s", d.out)
 	}
 	d.reapChildren(t)

@@ -229,24 +229,27 @@ func chownTree(root string, uid, gid int) error {
 func (r *rootlessRun) run() {
 	t := r.t
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), innerTimeout+time.Minute)
-	defer cancel()
 	args := []string{
 		filepath.Join(r.stage, "integration.test"),
 		"-test.run", "^" + t.Name() + "$", "-test.v", "-test.count=1",
 		"-test.timeout", innerTimeout.String(),
 	}
-	cmd, err := r.user.Command(ctx, filepath.Join(r.stage, "rootlesskit"), r.env, args...)
+	cmd, err := r.user.Command(context.Background(), filepath.Join(r.stage, "rootlesskit"), r.env, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmd.Dir = filepath.Join(r.repo, "integration")
-	var out strings.Builder
-	cmd.Stdout = &out
-	cmd.Stderr = &out
+	var out harness.Output
+	cmd.Stdout, cmd.Stderr = &out, &out
+	// RootlessKit's children may hold the output open after it exited.
 	cmd.WaitDelay = 10 * time.Second
 	start := time.Now()
-	err = cmd.Run()
+	p, err := testutil.StartProcess("inner run", cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Past its own -test.timeout, the inner run is killed by its PID.
+	err = p.WaitSuccess(innerTimeout + time.Minute)
 	t.Logf("inner run (uid %d under rootlesskit, %s):\n%s", r.user.UID, time.Since(start).Round(time.Millisecond), indent(out.String()))
 	if err != nil {
 		if os.Getenv("FOSNAP_DEBUG") != "" {

@@ -1,9 +1,8 @@
 package integration
 
 import (
-	"context"
+	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 // systemdUnit is the [Service] section of a systemd unit, parsed.
@@ -55,42 +55,25 @@ func parseUnit(t *testing.T, text string) systemdUnit {
 // unitProcess is a unit's ExecStart, started as systemd would start it for
 // the user: its own process group standing in for the unit's cgroup.
 type unitProcess struct {
-	r    *rootlessRun
-	pid  int
+	proc *testutil.Process // the unit's main process
 	out  *harness.Output
-	done chan struct{}
-	err  error
 }
 
 // startUnit runs execStart as the user with env. systemd splits ExecStart
 // into words itself; for the units here (double-quoted paths without
 // specials, or an explicit /bin/sh -c '...') the shell's splitting is the
-// same, and exec keeps the process the unit's main process.
+// same, and exec keeps the process the unit's main process. A unit still
+// running at the end of the test is killed with its process group.
 func startUnit(t *testing.T, r *rootlessRun, env []string, execStart string) *unitProcess {
 	t.Helper()
-	u := &unitProcess{r: r, out: &harness.Output{}, done: make(chan struct{})}
-	cmd := r.user.Shell(context.Background(), env, "exec "+execStart)
-	cmd.Stdout, cmd.Stderr = u.out, u.out
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
+	u := &unitProcess{out: &harness.Output{}}
+	var err error
+	if u.proc, err = r.user.StartShell("unit process", env, u.out, "exec "+execStart); err != nil {
 		t.Fatal(err)
 	}
-	u.pid = cmd.Process.Pid
-	go func() {
-		u.err = cmd.Wait()
-		close(u.done)
-	}()
 	t.Cleanup(func() {
-		select {
-		case <-u.done:
-		default:
-			_ = syscall.Kill(-u.pid, syscall.SIGKILL)
-			select {
-			case <-u.done:
-			case <-time.After(30 * time.Second):
-				t.Errorf("unit process %d survives SIGKILL", u.pid)
-			}
-			t.Errorf("unit process %d was still running; killed its process group:\n%s", u.pid, u.out)
+		if err := u.proc.KillLeftover(true); err != nil {
+			t.Errorf("%v:\n%s", err, u.out)
 		}
 	})
 	return u
@@ -100,19 +83,7 @@ func startUnit(t *testing.T, r *rootlessRun, env []string, execStart string) *un
 // the unit's process exits first.
 func (u *unitProcess) waitSocket(t *testing.T, socket string) {
 	t.Helper()
-	err := harness.Poll(30*time.Second, 50*time.Millisecond, func() error {
-		select {
-		case <-u.done:
-			return fmt.Errorf("exited: %w", u.err)
-		default:
-		}
-		c, err := net.Dial("unix", socket)
-		if err != nil {
-			return err
-		}
-		return c.Close()
-	})
-	if err != nil {
+	if err := u.proc.WaitReady(30*time.Second, testutil.SocketReady(socket)); err != nil {
 		t.Fatalf("nothing serves on %s: %v\n%s", socket, err, u.out)
 	}
 }
@@ -121,8 +92,8 @@ func (u *unitProcess) waitSocket(t *testing.T, socket string) {
 // signals) runs program: every wrapper on the way exec'd it.
 func (u *unitProcess) assertMainIs(t *testing.T, program string) {
 	t.Helper()
-	if cmdline := cmdlineOf(u.pid); !strings.HasPrefix(cmdline, program+"\x00") {
-		t.Errorf("the unit's main process %d is %q, want %s", u.pid, strings.ReplaceAll(cmdline, "\x00", " "), program)
+	if cmdline := cmdlineOf(u.proc.PID()); !strings.HasPrefix(cmdline, program+"\x00") {
+		t.Errorf("the unit's main process %d is %q, want %s", u.proc.PID(), strings.ReplaceAll(cmdline, "\x00", " "), program)
 	}
 }
 
@@ -131,20 +102,17 @@ func (u *unitProcess) assertMainIs(t *testing.T, program string) {
 // unit afterwards would get SIGKILL, so nothing may be left.
 func (u *unitProcess) stopMixed(t *testing.T) {
 	t.Helper()
-	if err := syscall.Kill(u.pid, syscall.SIGTERM); err != nil {
-		t.Fatal(err)
+	if !u.proc.Running() {
+		t.Fatalf("the unit's main process exited before its SIGTERM: %v\n%s", u.proc.Err(), u.out)
 	}
-	select {
-	case <-u.done:
-		if u.err != nil {
-			t.Errorf("the unit's main process after SIGTERM: %v, want exit status 0:\n%s", u.err, u.out)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatalf("the unit's main process %d ignored SIGTERM:\n%s", u.pid, u.out)
+	if err := u.proc.Terminate(30 * time.Second); errors.Is(err, testutil.ErrStillRunning) {
+		t.Fatalf("%v:\n%s", err, u.out)
+	} else if err != nil {
+		t.Errorf("the unit's main process after SIGTERM: %v, want exit status 0:\n%s", err, u.out)
 	}
-	if left := processGroup(u.pid); len(left) > 0 {
+	if left := processGroup(u.proc.PID()); len(left) > 0 {
 		t.Errorf("processes of the unit outlived its main process (KillMode=mixed would SIGKILL them): %v", left)
-		_ = syscall.Kill(-u.pid, syscall.SIGKILL)
+		_ = u.proc.SignalGroup(syscall.SIGKILL)
 	}
 }
 

@@ -329,8 +329,10 @@ func TestDiffOverGRPC(t *testing.T) {
 	if got, err := d.Apply(ctx, upperDesc, mapped); err != nil || got.Digest != upperID {
 		t.Fatalf("apply onto an ID-mapped snapshot: %v, %v\n%s", got.Digest, err, srv.out)
 	}
-	if !strings.Contains(srv.out.String(), `level=info msg="layer applied through the mount"`) {
-		t.Errorf("the log does not show the layer applied through the mount:\n%s", srv.out)
+	// The server logs before it answers, but its output reaches srv.out
+	// through a pipe: wait for the line.
+	if err := srv.waitLog(`level=info msg="layer applied through the mount"`); err != nil {
+		t.Errorf("%v:\n%s", err, srv.out)
 	}
 
 	// Not ours: another directory, a foreign type.
@@ -361,8 +363,8 @@ func TestDiffOverGRPC(t *testing.T) {
 	if err := srv.proc.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitFor(func() bool { return strings.Contains(srv.out.String(), "SIGHUP") }); err != nil {
-		t.Fatalf("no SIGHUP line in the log:\n%s", srv.out)
+	if err := srv.waitLog("SIGHUP"); err != nil {
+		t.Fatalf("%v:\n%s", err, srv.out)
 	}
 	if _, err := sn.Stat(ctx, "upper"); err != nil {
 		t.Fatalf("after SIGHUP: %v", err)
@@ -381,12 +383,12 @@ func TestDiffOverGRPC(t *testing.T) {
 	testutil.RequireNoLeftovers(t, root)
 }
 
-// waitFor polls cond for up to 10 s.
-func waitFor(cond func() bool) error {
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if cond() {
-			return nil
+// waitLog waits up to 10 s for text in the server's output.
+func (s *server) waitLog(text string) error {
+	return s.proc.WaitReady(10*time.Second, func() error {
+		if !strings.Contains(s.out.String(), text) {
+			return fmt.Errorf("no %q in the log", text)
 		}
-	}
-	return errors.New("timed out")
+		return nil
+	})
 }

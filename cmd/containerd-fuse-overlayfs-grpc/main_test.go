@@ -144,22 +144,8 @@ func (s *server) waitServing(socket string) snapshots.Snapshotter {
 func (s *server) serving(socket string) (snapshots.Snapshotter, *grpc.ClientConn, error) {
 	// Wait for the socket to accept connections first: a gRPC client that
 	// finds no socket backs off for a second before its next try.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		c, err := net.Dial("unix", socket)
-		if err == nil {
-			_ = c.Close()
-			break
-		}
-		select {
-		case <-s.proc.Done():
-			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.proc.Err(), s.out)
-		default:
-		}
-		if time.Now().After(deadline) {
-			return nil, nil, fmt.Errorf("nothing listens on %s: %w\n%s", socket, err, s.out)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := s.proc.WaitReady(30*time.Second, testutil.SocketReady(socket)); err != nil {
+		return nil, nil, fmt.Errorf("nothing listens on %s: %w\n%s", socket, err, s.out)
 	}
 	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -167,23 +153,14 @@ func (s *server) serving(socket string) (snapshots.Snapshotter, *grpc.ClientConn
 	}
 	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "fuse-overlayfs")
 	ctx := namespaces.WithNamespace(context.Background(), "test")
-	for {
-		select {
-		case <-s.proc.Done():
-			_ = conn.Close()
-			return nil, nil, fmt.Errorf("server exited before serving: %w\n%s", s.proc.Err(), s.out)
-		default:
-		}
-		err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil })
-		if err == nil {
-			return sn, conn, nil
-		}
-		if time.Now().After(deadline) {
-			_ = conn.Close()
-			return nil, nil, fmt.Errorf("server does not answer on %s: %w\n%s", socket, err, s.out)
-		}
-		time.Sleep(50 * time.Millisecond)
+	err = s.proc.WaitReady(30*time.Second, func() error {
+		return sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil })
+	})
+	if err != nil {
+		_ = conn.Close()
+		return nil, nil, fmt.Errorf("server does not answer on %s: %w\n%s", socket, err, s.out)
 	}
+	return sn, conn, nil
 }
 
 // shortDir returns a fresh directory with a short path: a unix socket path

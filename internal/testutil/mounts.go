@@ -3,6 +3,7 @@
 package testutil
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,39 +36,30 @@ func FuseOverlay(t testing.TB) string {
 	t.Helper()
 	lower, upper, work, target := overlayDirs(t)
 	cmd := exec.Command("fuse-overlayfs", "-f", "-o", "lowerdir="+lower+",upperdir="+upper+",workdir="+work, target)
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start fuse-overlayfs: %v", err)
+	p, err := StartProcess("fuse-overlayfs", cmd)
+	if err != nil {
+		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
 	t.Cleanup(func() {
 		unmountOrFail(t, target)
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Logf("fuse-overlayfs (pid %d) exited: %v", cmd.Process.Pid, err)
-			}
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			err := <-done
-			t.Errorf("fuse-overlayfs (pid %d): %v", cmd.Process.Pid, err)
-			t.Errorf("fuse-overlayfs (pid %d) still ran 10s after its unmount; killed it", cmd.Process.Pid)
+		if _, err := p.Wait(10 * time.Second); err != nil {
+			t.Errorf("after its unmount: %v", err)
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if mounted, err := mountinfo.Mounted(target); err == nil && mounted {
-			return target
+	err = p.WaitReady(10*time.Second, func() error {
+		mounted, err := mountinfo.Mounted(target)
+		if err != nil {
+			return fmt.Errorf("look for the mount on %s: %w", target, err)
 		}
-		select {
-		case err := <-done:
-			t.Fatalf("fuse-overlayfs exited before mounting %s: %v", target, err)
-		case <-time.After(20 * time.Millisecond):
+		if !mounted {
+			return fmt.Errorf("%s not mounted yet", target)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("fuse-overlayfs did not mount %s within 10s", target)
-		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
+	return target
 }
 
 func overlayDirs(t testing.TB) (lower, upper, work, target string) {

@@ -82,20 +82,60 @@ func (p *Process) Wait(timeout time.Duration) (int, error) {
 	return 0, p.err
 }
 
+// ErrStillRunning is wrapped by Terminate's error when the process outlived
+// the grace period.
+var ErrStillRunning = errors.New("still running")
+
+// killWait bounds KillLeftover's wait after SIGKILL: a process stuck in the
+// kernel (a hung FUSE request) may not end, and a cleanup must not hang.
+const killWait = 30 * time.Second
+
+// WaitSuccess is Wait that also fails unless the exit status is 0.
+func (p *Process) WaitSuccess(timeout time.Duration) error {
+	code, err := p.Wait(timeout)
+	if err == nil && code != 0 {
+		return fmt.Errorf("%s (pid %d): %w", p.Name, p.PID(), p.err)
+	}
+	return err
+}
+
 // Stop sends SIGTERM and waits up to grace for the exit; past it, it kills
 // the process by its PID and fails. It returns what Wait returned.
 func (p *Process) Stop(grace time.Duration) error {
+	err := p.Terminate(grace)
+	if !errors.Is(err, ErrStillRunning) {
+		return err
+	}
+	p.Kill()
+	return fmt.Errorf("%s (pid %d) ignored SIGTERM for %s and was killed", p.Name, p.PID(), grace)
+}
+
+// Terminate sends SIGTERM by PID and waits up to grace for the exit, and
+// returns what Wait returned. A process still running then is left running
+// (for a cleanup to kill, e.g. with its process group) and the error wraps
+// ErrStillRunning.
+func (p *Process) Terminate(grace time.Duration) error {
 	if !p.Running() {
 		return p.err
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	if !p.Exited(grace) {
+		return fmt.Errorf("%s (pid %d) ignored SIGTERM for %s: %w", p.Name, p.PID(), grace, ErrStillRunning)
+	}
+	return p.err
+}
+
+// Exited waits up to timeout for the exit, without killing, and reports
+// whether the process exited.
+func (p *Process) Exited(timeout time.Duration) bool {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	select {
 	case <-p.done:
-		return p.err
-	case <-time.After(grace):
+		return true
+	case <-timer.C:
+		return false
 	}
-	p.Kill()
-	return fmt.Errorf("%s (pid %d) ignored SIGTERM for %s and was killed", p.Name, p.PID(), grace)
 }
 
 // Kill sends SIGKILL by PID if the process still runs, waits for it, and
@@ -107,6 +147,39 @@ func (p *Process) Kill() bool {
 	_ = p.cmd.Process.Kill()
 	<-p.done
 	return true
+}
+
+// KillLeftover is for a test's cleanup: nil if the process already exited,
+// else it sends SIGKILL by PID (to the whole process group the process
+// leads, with group: it must have been started with Setpgid) and returns an
+// error saying it was still running. It waits at most 30 s after SIGKILL;
+// the error then says the process survived it.
+func (p *Process) KillLeftover(group bool) error {
+	if !p.Running() {
+		return nil
+	}
+	pid := p.PID()
+	if group {
+		pid = -pid
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	what := "killed it"
+	if group {
+		what = "killed its process group"
+	}
+	if !p.Exited(killWait) {
+		return fmt.Errorf("%s (pid %d) was still running and survives SIGKILL for %s", p.Name, p.PID(), killWait)
+	}
+	return fmt.Errorf("%s (pid %d) was still running; %s", p.Name, p.PID(), what)
+}
+
+// SignalGroup sends sig to the process group the process leads (it must
+// have been started with Setpgid).
+func (p *Process) SignalGroup(sig syscall.Signal) error {
+	if err := syscall.Kill(-p.PID(), sig); err != nil {
+		return fmt.Errorf("signal the process group of %s (pid %d): %w", p.Name, p.PID(), err)
+	}
+	return nil
 }
 
 // WaitReady polls ready every 50 ms until it returns nil, the process exits
@@ -126,6 +199,18 @@ func (p *Process) WaitReady(timeout time.Duration, ready func() error) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s (pid %d) not ready after %s: %w", p.Name, p.PID(), timeout, err)
 		}
+	}
+}
+
+// SocketReady returns a readiness check for WaitReady: nil once the unix
+// socket at path accepts a connection.
+func SocketReady(path string) func() error {
+	return func() error {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			return err
+		}
+		return c.Close()
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 const sn = harness.SnapshotterID
@@ -59,8 +60,7 @@ type demo struct {
 	dir      string
 	registry *harness.Registry
 	c        *harness.Containerd
-	run_     *exec.Cmd
-	runDone  chan struct{}
+	ctrRun   *testutil.Process // `ctr run --rm` of the container
 	runErr   bytes.Buffer
 	cleaned  bool
 }
@@ -204,39 +204,40 @@ func (d *demo) startContainer(ref string) (<-chan struct{}, error) {
 	cmd.Stdout = pw
 	// ctr's own warnings (cgroup v1 deprecation) only matter on failure.
 	cmd.Stderr = &d.runErr
-	if err := cmd.Start(); err != nil {
+	p, err := testutil.StartProcess("ctr run", cmd)
+	if err != nil {
 		return nil, err
 	}
-	d.run_ = cmd
-	d.runDone = make(chan struct{})
-	ready := make(chan struct{})
+	d.ctrRun = p
 	go func() {
-		sc := bufio.NewScanner(pr)
-		closed := false
-		for sc.Scan() {
-			fmt.Println("    container | " + sc.Text())
-			if sc.Text() == "ready" && !closed {
-				close(ready)
-				closed = true
-			}
-		}
-	}()
-	go func() {
-		_ = cmd.Wait()
+		<-p.Done()
 		_ = pw.Close()
-		close(d.runDone)
 	}()
+	ready := make(chan struct{})
+	go echoContainer(pr, ready)
 	return ready, nil
 }
 
+// echoContainer prints the container's output and closes ready when it
+// says "ready".
+func echoContainer(r io.Reader, ready chan<- struct{}) {
+	sc := bufio.NewScanner(r)
+	closed := false
+	for sc.Scan() {
+		fmt.Println("    container | " + sc.Text())
+		if sc.Text() == "ready" && !closed {
+			close(ready)
+			closed = true
+		}
+	}
+}
+
 func (d *demo) waitContainer() error {
-	select {
-	case <-d.runDone:
-	case <-time.After(30 * time.Second):
+	if !d.ctrRun.Exited(30 * time.Second) {
 		return errors.New("ctr run did not end within 30s of the stop signal")
 	}
-	if !d.run_.ProcessState.Success() {
-		return fmt.Errorf("ctr run: %v\n%s", d.run_.ProcessState, d.runErr.String())
+	if err := d.ctrRun.Err(); err != nil {
+		return fmt.Errorf("ctr run: %w\n%s", err, d.runErr.String())
 	}
 	return nil
 }
@@ -292,12 +293,8 @@ func (d *demo) cleanup() error {
 		}
 		fmt.Println("    containerd stopped")
 	}
-	if d.run_ != nil {
-		select {
-		case <-d.runDone:
-		default:
-			_ = d.run_.Process.Kill()
-		}
+	if d.ctrRun != nil {
+		d.ctrRun.Kill()
 	}
 	if d.registry != nil {
 		if err := d.registry.Stop(); err != nil {

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 // Registry is a running Debian docker-registry (CNCF distribution) that
@@ -19,8 +21,8 @@ type Registry struct {
 	// Dir holds the configuration, the storage and the log.
 	Dir string
 
-	cmd  *exec.Cmd
-	done chan struct{}
+	// proc is nil for an ExternalRegistry.
+	proc *testutil.Process
 }
 
 // StartRegistry starts docker-registry on a free port of 127.0.0.1 and waits
@@ -80,22 +82,24 @@ http:
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	proc, err := testutil.StartProcess("docker-registry", cmd)
+	if err != nil {
 		return nil, err
 	}
-	r := &Registry{Addr: addr, Dir: dir, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		close(r.done)
-	}()
+	r := &Registry{Addr: addr, Dir: dir, proc: proc}
+	if err := proc.WaitReady(30*time.Second, v2Ready(addr)); err != nil {
+		_ = r.Stop()
+		log, _ := os.ReadFile(logPath)
+		return nil, fmt.Errorf("%w; log:\n%s", err, log)
+	}
+	return r, nil
+}
+
+// v2Ready is a readiness check: nil once the registry at addr answers
+// GET /v2/ with 200.
+func v2Ready(addr string) func() error {
 	client := &http.Client{Timeout: 2 * time.Second}
-	err = Poll(30*time.Second, 50*time.Millisecond, func() error {
-		select {
-		case <-r.done:
-			log, _ := os.ReadFile(logPath)
-			return fmt.Errorf("docker-registry exited: %s", log)
-		default:
-		}
+	return func() error {
 		resp, err := client.Get("http://" + addr + "/v2/")
 		if err != nil {
 			return err
@@ -105,31 +109,18 @@ http:
 			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
 		return nil
-	})
-	if err != nil {
-		_ = r.Stop()
-		return nil, err
 	}
-	return r, nil
 }
 
-// Stop ends the registry by its PID (SIGTERM, then SIGKILL after 10s).
+// Stop ends the registry by its PID (SIGTERM, then SIGKILL after 10s). It
+// does not fail: the registry's exit status on SIGTERM does not matter, and
+// one that had to be killed is gone all the same.
 func (r *Registry) Stop() error {
-	select {
-	case <-r.done:
-		return nil
-	default:
+	if r.proc != nil {
+		_ = r.proc.Stop(10 * time.Second)
 	}
-	_ = r.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-r.done:
-		return nil
-	case <-time.After(10 * time.Second):
-	}
-	_ = r.cmd.Process.Kill()
-	<-r.done
 	return nil
 }
 
 // PID returns the registry's process ID.
-func (r *Registry) PID() int { return r.cmd.Process.Pid }
+func (r *Registry) PID() int { return r.proc.PID() }

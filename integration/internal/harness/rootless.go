@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/user"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 // aptTimeout bounds apt-get; adminTimeout bounds useradd and usermod.
@@ -263,10 +266,17 @@ func (u *RootlessUser) Shell(ctx context.Context, env []string, script string) *
 	return cmd
 }
 
+// StartShell starts script as the user (see Shell), with its output going to
+// out, as a process the caller stops by PID. It leads its own process group,
+// so KillLeftover(true) ends what it started too. Wait gives processes that
+// hold out open 5 s to let go after it exited.
+func (u *RootlessUser) StartShell(name string, env []string, out io.Writer, script string) (*testutil.Process, error) {
+	cmd := u.Shell(context.Background(), env, script)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.WaitDelay = 5 * time.Second
+	return testutil.StartProcess(name, cmd)
+}
+
 // ExternalRegistry describes a registry that another process runs (the
 // outer test of a rootless test runs it as root): Stop does nothing.
-func ExternalRegistry(addr string) *Registry {
-	done := make(chan struct{})
-	close(done)
-	return &Registry{Addr: addr, done: done}
-}
+func ExternalRegistry(addr string) *Registry { return &Registry{Addr: addr} }
