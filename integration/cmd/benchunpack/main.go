@@ -23,6 +23,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -33,12 +34,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/fosnap/fuseoverlayfs/integration/internal/benchchart"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 )
 
 type variant struct {
 	key, desc   string
+	short       string // for the chart
 	snapshotter string
 	unpacks     int
 	direct      bool
@@ -46,18 +49,19 @@ type variant struct {
 }
 
 var variants = []variant{
-	{"a", "fuse-overlayfs, direct apply, sequential", "fuse-overlayfs", 1, true, false},
-	{"b", "fuse-overlayfs, direct apply, parallel", "fuse-overlayfs", 4, true, false},
-	{"c", "fuse-overlayfs, through FUSE (fast path off)", "fuse-overlayfs", 1, false, false},
-	{"d", "overlayfs (kernel)", "overlayfs", 1, true, false},
-	{"e", "native", "native", 1, true, false},
-	{"f", "containerd-stock + gRPC server, diff proxy", "fuse-overlayfs", 1, true, true},
+	{"a", "fuse-overlayfs, direct apply, sequential", "direct", "fuse-overlayfs", 1, true, false},
+	{"b", "fuse-overlayfs, direct apply, parallel", "parallel", "fuse-overlayfs", 4, true, false},
+	{"c", "fuse-overlayfs, through FUSE (fast path off)", "through FUSE", "fuse-overlayfs", 1, false, false},
+	{"d", "overlayfs (kernel)", "overlayfs", "overlayfs", 1, true, false},
+	{"e", "native", "native", "native", 1, true, false},
+	{"f", "containerd-stock + gRPC server, diff proxy", "proxy", "fuse-overlayfs", 1, true, true},
 }
 
 func main() {
 	reps := flag.Int("reps", 5, "repetitions of each variant")
 	only := flag.String("only", "abcdef", "variants to run")
 	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
+	flag.StringVar(&outDir, "out", "", "directory for unpack.md and unpack.svg (default: docs/bench in the repository)")
 	flag.Parse()
 	if err := run(*reps, *only, *base); err != nil {
 		fmt.Fprintln(os.Stderr, "benchunpack:", err)
@@ -115,8 +119,7 @@ func run(reps int, only, base string) error {
 			fmt.Printf("run %d (%s) %-46s %6.2f s\n", r, v.key, v.desc, s)
 		}
 	}
-	report(vs, samples, reps, work)
-	return nil
+	return report(vs, samples, reps, work)
 }
 
 // measure starts a fresh containerd (and for a proxy variant the gRPC
@@ -224,41 +227,77 @@ func median(xs []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-func report(vs []variant, samples map[string][]float64, reps int, work string) {
+// outDir is where the table and its chart are written.
+var outDir string
+
+// report prints the table and writes it, with its chart, to outDir.
+func report(vs []variant, samples map[string][]float64, reps int, work string) error {
+	var table strings.Builder
+	writeTable(&table, vs, samples, reps, work)
+	fmt.Print(table.String())
+	dir := outDir
+	if dir == "" {
+		root, err := harness.RepoRoot()
+		if err != nil {
+			return err
+		}
+		dir = filepath.Join(root, "docs", "bench")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("make %s: %w", dir, err)
+	}
+	md := filepath.Join(dir, "unpack.md")
+	if err := os.WriteFile(md, []byte(table.String()), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", md, err)
+	}
+	var bars []benchchart.Bar
+	for _, v := range vs {
+		bars = append(bars, benchchart.Bar{Label: "(" + v.key + ") " + v.short, Median: median(samples[v.key]), Runs: samples[v.key]})
+	}
+	svg := filepath.Join(dir, "unpack.svg")
+	if err := benchchart.WriteSVG(svg, fmt.Sprintf("pull + unpack, medians of %d runs", reps), "seconds", bars); err != nil {
+		return err
+	}
+	fmt.Printf("\nwrote %s and %s\n", md, svg)
+	return nil
+}
+
+// writeTable writes the machine, the medians and the ratios as Markdown.
+func writeTable(w io.Writer, vs []variant, samples map[string][]float64, reps int, work string) {
 	med := map[string]float64{}
 	var uts unix.Utsname
 	_ = unix.Uname(&uts)
 	var sfs unix.Statfs_t
 	_ = unix.Statfs(work, &sfs)
 	fstype := map[int64]string{0xef53: "ext4", 0x01021994: "tmpfs", 0x58465342: "xfs", 0x9123683e: "btrfs"}[sfs.Type]
-	fmt.Printf("\nmachine: %d CPUs, kernel %s, roots on %s (%s)\n", runtime.NumCPU(), unix.ByteSliceToString(uts.Release[:]), work, fstype)
-	fmt.Printf("pull+unpack, medians of %d alternating runs:\n\n", reps)
-	fmt.Printf("| variant | snapshotter / apply | median (s) | runs (s) |\n|---|---|---|---|\n")
+	fmt.Fprintf(w, "\nmachine: %d CPUs, kernel %s, roots on %s (%s)\n", runtime.NumCPU(), unix.ByteSliceToString(uts.Release[:]), work, fstype)
+	fmt.Fprintf(w, "pull+unpack, medians of %d alternating runs:\n\n", reps)
+	fmt.Fprintf(w, "| variant | snapshotter / apply | median (s) | runs (s) |\n|---|---|---|---|\n")
 	for _, v := range vs {
 		med[v.key] = median(samples[v.key])
 		var runs []string
 		for _, s := range samples[v.key] {
 			runs = append(runs, fmt.Sprintf("%.2f", s))
 		}
-		fmt.Printf("| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
+		fmt.Fprintf(w, "| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
 	}
-	fmt.Println()
+	fmt.Fprintln(w)
 	ratio := func(name, a, b string, target string, ok func(float64) bool) {
 		if med[a] == 0 || med[b] == 0 {
 			return
 		}
 		r := med[a] / med[b]
 		if ok == nil {
-			fmt.Printf("| %s | %.2f | (reported) |\n", name, r)
+			fmt.Fprintf(w, "| %s | %.2f | (reported) |\n", name, r)
 			return
 		}
 		verdict := "meets"
 		if !ok(r) {
 			verdict = "MISSES"
 		}
-		fmt.Printf("| %s | %.2f | target %s: %s |\n", name, r, target, verdict)
+		fmt.Fprintf(w, "| %s | %.2f | target %s: %s |\n", name, r, target, verdict)
 	}
-	fmt.Printf("| ratio | value | target |\n|---|---|---|\n")
+	fmt.Fprintf(w, "| ratio | value | target |\n|---|---|---|\n")
 	ratio("a/d", "a", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
 	ratio("b/d", "b", "d", "<= 1.10", func(r float64) bool { return r <= 1.10 })
 	ratio("c/a", "c", "a", ">= 2", func(r float64) bool { return r >= 2 })
