@@ -35,7 +35,7 @@ vet:
 # Library and plugin tests, containerd's snapshotter suite included (root and
 # FUSE needed; in CI a missing prerequisite fails the run).
 unit:
-	$(GO) test -count=1 ./ ./plugin/... ./internal/... ./differ/... ./cmd/containerd-fuse-overlayfs-grpc/...
+	$(GO) test -count=1 ./ ./plugin/... ./internal/... ./differ/... ./cmd/containerd-fuse-overlayfs-grpc/... ./integration/internal/benchchart/
 
 # Each fuzz target runs for a short time; FUZZ_TIME=5m for a longer hunt.
 FUZZ_TIME ?= 10s
