@@ -30,7 +30,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: probe echo|cat|write|treedump|pause|show ARGS...")
+		fail("usage: probe echo|cat|write|edit|treedump|pause|show ARGS...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -44,6 +44,20 @@ func main() {
 		}
 		if err := os.WriteFile(args[0], []byte(args[1]), 0o644); err != nil {
 			fail(err.Error())
+		}
+	case "edit":
+		// edit FILE TEXT [PATH...]: writes FILE and removes each PATH with
+		// what it holds (a container's changes for the commit tests).
+		if len(args) < 2 {
+			fail("usage: probe edit FILE TEXT [PATH...]")
+		}
+		if err := os.WriteFile(args[0], []byte(args[1]), 0o644); err != nil {
+			fail(err.Error())
+		}
+		for _, p := range args[2:] {
+			if err := os.RemoveAll(p); err != nil {
+				fail(err.Error())
+			}
 		}
 	case "treedump":
 		if len(args) != 1 {
