@@ -171,7 +171,6 @@ func median(xs []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-
 // benchImage is an application-like image: a small base, one big layer of
 // 12,000 files (about 240 MB) and a layer that deletes files and
 // directories, re-creates one, makes one opaque and adds some files.
