@@ -34,6 +34,7 @@ type Differ struct {
 	provider content.Provider
 	roots    []layout.Root
 	comparer diff.Comparer // nil: Compare is not implemented
+	store    content.Store // where Compare writes diffs (nil with NewApplier)
 	fallback diff.Applier
 	forms    *layer.Forms
 }
@@ -64,6 +65,7 @@ func WithUnprivilegedForms() Opt {
 // from store and writes the diffs it computes into it.
 func New(store content.Store, roots []string, opts ...Opt) *Differ {
 	d := NewApplier(store, roots, opts...)
+	d.store = store
 	d.comparer = walking.NewWalkingDiff(store)
 	return d
 }
@@ -86,12 +88,22 @@ func NewApplier(provider content.Provider, roots []string, opts ...Opt) *Differ 
 	return d
 }
 
-// Compare computes the diff between two mounts like containerd's walking
-// differ (it is that differ). A Differ made by NewApplier has no store to
-// write a diff into and returns errdefs.ErrNotImplemented.
+// Compare computes the diff between two mounts. For this snapshotter's own
+// mounts (an upper layer directory over exactly the lower mounts' layers)
+// it writes the layer tar from the upper directory itself, never through
+// FUSE (compare.go); other mounts go to containerd's walking differ. A
+// Differ made by NewApplier has no store to write a diff into and returns
+// errdefs.ErrNotImplemented.
 func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
 	if d.comparer == nil {
 		return ocispec.Descriptor{}, fmt.Errorf("compare mounts: this differ only applies layers: %w", errdefs.ErrNotImplemented)
+	}
+	if d.store != nil {
+		upperDir, lowers, err := d.compareLayers(lower, upper)
+		if err == nil {
+			return d.compareFast(ctx, upperDir, lowers, opts...)
+		}
+		log.G(ctx).WithError(err).Debug("compare: using the walking differ")
 	}
 	return d.comparer.Compare(ctx, lower, upper, opts...)
 }

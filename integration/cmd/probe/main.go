@@ -34,7 +34,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: probe echo|cat|write|treedump|pause|show ARGS...")
+		fail("usage: probe echo|cat|write|edit|treedump|pause|show ARGS...")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -47,6 +47,29 @@ func main() {
 			fail("usage: probe write FILE TEXT")
 		}
 		if err := os.WriteFile(args[0], []byte(args[1]), 0o644); err != nil {
+			fail(err.Error())
+		}
+	case "edit":
+		// edit FILE TEXT [PATH...]: writes FILE and removes each PATH with
+		// what it holds (a container's changes for the commit tests).
+		if len(args) < 2 {
+			fail("usage: probe edit FILE TEXT [PATH...]")
+		}
+		if err := os.WriteFile(args[0], []byte(args[1]), 0o644); err != nil {
+			fail(err.Error())
+		}
+		for _, p := range args[2:] {
+			if err := os.RemoveAll(p); err != nil {
+				fail(err.Error())
+			}
+		}
+	case "scribble":
+		// scribble N: a container's changes for the commit benchmark: N new
+		// files, appends to 100 lower files, 100 deleted, 50 chmodded.
+		if len(args) != 1 {
+			fail("usage: probe scribble N")
+		}
+		if err := scribble(args[0]); err != nil {
 			fail(err.Error())
 		}
 	case "treedump":
@@ -311,4 +334,42 @@ func unescape(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
+}
+
+func scribble(arg string) error {
+	var n int
+	if _, err := fmt.Sscan(arg, &n); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		dir := fmt.Sprintf("/scribble/d%02d", i/100)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(fmt.Sprintf("%s/f%04d", dir, i), []byte(strings.Repeat("scribbled ", 100+i%400)), 0o644); err != nil {
+			return err
+		}
+	}
+	for i := 0; i < 100; i++ {
+		f, err := os.OpenFile(fmt.Sprintf("/app/lib/pkg%03d/m%03d.dat", i, (i+50)%100), os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			return err
+		}
+		_, err = f.WriteString("appended\n")
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+		if err := os.Remove(fmt.Sprintf("/app/lib/pkg%03d/m%03d.dat", i, (i+60)%100)); err != nil {
+			return err
+		}
+		if i < 50 {
+			if err := os.Chmod(fmt.Sprintf("/app/lib/pkg%03d/m%03d.dat", i, (i+70)%100), 0o600); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

@@ -1,0 +1,249 @@
+// Command benchcommit times `ctr snapshots diff` of a container's snapshot
+// (issue 11): on an image of about 12,300 files, a container writes 3,000
+// files, appends to 100 lower files, deletes 100 and chmods 50; then the diff
+// of its snapshot against its parent is timed
+//
+//	(a) on fuse-overlayfs with our Compare (read from the upper directory),
+//	(b) on fuse-overlayfs with containerd's walking differ (through FUSE),
+//	(c) on overlayfs (kernel) with the walking differ,
+//
+// each run on a fresh containerd, variants alternating, medians of -reps.
+// Run as root: make bench-commit.
+package main
+
+import (
+	"archive/tar"
+	"context"
+	"flag"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
+	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+)
+
+type variant struct {
+	key, desc, snapshotter string
+	walking                bool
+}
+
+var variants = []variant{
+	{"a", "fuse-overlayfs, our Compare", "fuse-overlayfs", false},
+	{"b", "fuse-overlayfs, walking differ (FUSE)", "fuse-overlayfs", true},
+	{"c", "overlayfs (kernel), walking differ", "overlayfs", true},
+}
+
+func main() {
+	reps := flag.Int("reps", 5, "repetitions of each variant")
+	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
+	flag.Parse()
+	if err := run(*reps, *base); err != nil {
+		fmt.Fprintln(os.Stderr, "benchcommit:", err)
+		os.Exit(1)
+	}
+}
+
+func run(reps int, base string) error {
+	if os.Getuid() != 0 {
+		return fmt.Errorf("run as root")
+	}
+	if missing := harness.Missing(); len(missing) > 0 {
+		return fmt.Errorf("missing: %s (make deps binaries)", strings.Join(missing, ", "))
+	}
+	work, err := os.MkdirTemp(base, "bench-commit-")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(work) }()
+	probe, err := harness.BuildProbe(work)
+	if err != nil {
+		return err
+	}
+	spec, files, size := benchImage(probe)
+	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
+	reg, err := harness.StartRegistry(filepath.Join(work, "registry"))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = reg.Stop() }()
+	ref, err := images.Push(reg.Addr, spec)
+	if err != nil {
+		return err
+	}
+	samples := map[string][]float64{}
+	for r := 1; r <= reps; r++ {
+		for i := range variants {
+			v := variants[(i+r-1)%len(variants)]
+			s, n, err := measure(work, reg.Addr, ref, v)
+			if err != nil {
+				return fmt.Errorf("(%s) run %d: %w", v.key, r, err)
+			}
+			samples[v.key] = append(samples[v.key], s)
+			fmt.Printf("run %d (%s) %-40s %6.2f s (%d bytes)\n", r, v.key, v.desc, s, n)
+		}
+	}
+	fmt.Printf("\n`ctr snapshots diff` after the container's changes, medians of %d alternating runs (%d CPUs):\n\n", reps, runtime.NumCPU())
+	fmt.Printf("| variant | snapshotter / comparer | median (s) | runs (s) |\n|---|---|---|---|\n")
+	med := map[string]float64{}
+	for _, v := range variants {
+		med[v.key] = median(samples[v.key])
+		var runs []string
+		for _, s := range samples[v.key] {
+			runs = append(runs, fmt.Sprintf("%.2f", s))
+		}
+		fmt.Printf("| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
+	}
+	verdict := "meets"
+	if med["a"] > 1.10*med["c"] {
+		verdict = "MISSES"
+	}
+	fmt.Printf("\n| ratio | value | target |\n|---|---|---|\n| a/c | %.2f | <= 1.10: %s |\n| b/c | %.2f | (reported) |\n", med["a"]/med["c"], verdict, med["b"]/med["c"])
+	return nil
+}
+
+// measure starts a fresh containerd, pulls the image, runs the container
+// that changes it, and times `ctr snapshots diff` of its snapshot.
+func measure(work, registry, ref string, v variant) (float64, int, error) {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp(work, "c-")
+	if err != nil {
+		return 0, 0, err
+	}
+	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: registry, Edit: func(cfg map[string]any) {
+		if v.walking {
+			harness.Set(cfg, []string{"walking"}, "plugins", "io.containerd.service.v1.diff-service", "default")
+		}
+	}})
+	if err != nil {
+		return 0, 0, err
+	}
+	var elapsed float64
+	var n int
+	err = func() error {
+		if _, err := c.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", v.snapshotter, "--platform", "linux/"+runtime.GOARCH, ref); err != nil {
+			return err
+		}
+		if _, err := c.Ctr(ctx, "run", "--cgroup", "", "--snapshotter", v.snapshotter, ref, "bench", images.ProbePath, "scribble", "3000"); err != nil {
+			return err
+		}
+		start := time.Now()
+		out, err := c.Ctr(ctx, "snapshots", "--snapshotter", v.snapshotter, "diff", "bench")
+		elapsed = time.Since(start).Seconds()
+		n = len(out)
+		if err != nil {
+			return err
+		}
+		if !v.walking && !strings.Contains(c.LogTail(100000), "diff written from the upper directory") {
+			return fmt.Errorf("our Compare was not used")
+		}
+		_, err = c.Ctr(ctx, "containers", "rm", "bench")
+		return err
+	}()
+	if serr := c.Stop(); err == nil {
+		err = serr
+	}
+	left, lerr := harness.WaitNoLeftovers(dir, 15*time.Second)
+	if err == nil {
+		err = lerr
+	}
+	if err == nil && !left.Empty() {
+		_ = harness.CleanLeftovers(left)
+		err = fmt.Errorf("left behind: %s", left)
+	}
+	if rerr := os.RemoveAll(dir); err == nil {
+		err = rerr
+	}
+	return elapsed, n, err
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// benchImage is an application-like image: a small base, one big layer of
+// 12,000 files (about 240 MB) and a layer that deletes files and
+// directories, re-creates one, makes one opaque and adds some files.
+func benchImage(probe []byte) (images.Spec, int, int64) {
+	rng := rand.New(rand.NewSource(4))
+	words := make([]string, 512)
+	for i := range words {
+		n := 3 + rng.Intn(8)
+		b := make([]byte, n)
+		for j := range b {
+			b[j] = byte('a' + rng.Intn(26))
+		}
+		words[i] = string(b)
+	}
+	// Text-like content, so it compresses about as much as real files do.
+	text := func(size int) string {
+		var sb strings.Builder
+		sb.Grow(size + 16)
+		for sb.Len() < size {
+			sb.WriteString(words[rng.Intn(len(words))])
+			if rng.Intn(12) == 0 {
+				sb.WriteByte('\n')
+			} else {
+				sb.WriteByte(' ')
+			}
+		}
+		return sb.String()[:size]
+	}
+	var files int
+	var size int64
+	add := func(l *images.Layer, path string, body string) {
+		*l = append(*l, images.File(path, 0o644, body))
+		files++
+		size += int64(len(body))
+	}
+	baseL := images.Layer{
+		images.Dir("bin", 0o755),
+		{Path: "bin/probe", Type: tar.TypeReg, Mode: 0o755, Body: probe},
+		images.Dir("etc", 0o755),
+		images.Dir("app", 0o755),
+		images.Dir("app/base", 0o755),
+	}
+	for i := 0; i < 300; i++ {
+		add(&baseL, fmt.Sprintf("app/base/f%03d", i), text(2000+rng.Intn(8000)))
+	}
+	big := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
+	for d := 0; d < 120; d++ {
+		dir := fmt.Sprintf("app/lib/pkg%03d", d)
+		big = append(big, images.Dir(dir, 0o755))
+		for i := 0; i < 100; i++ {
+			add(&big, fmt.Sprintf("%s/m%03d.dat", dir, i), text(4000+rng.Intn(32000)))
+		}
+	}
+	top := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
+	for i := 0; i < 100; i++ {
+		top = append(top, images.Whiteout(fmt.Sprintf("app/lib/pkg%03d/m%03d.dat", i, i)))
+	}
+	top = append(top, images.Whiteout("app/lib/pkg118"), images.Whiteout("app/lib/pkg119"),
+		images.Whiteout("app/lib/pkg117"), images.Dir("app/lib/pkg117", 0o755),
+		images.Dir("app/lib/pkg116", 0o755), images.Opaque("app/lib/pkg116"))
+	add(&top, "app/lib/pkg117/new.dat", text(10000))
+	add(&top, "app/lib/pkg116/new.dat", text(10000))
+	// A hard link within the layer (one to a lower layer's file would make
+	// containerd's overlayfs fast path fail: see NOTES.md).
+	top = append(top, images.Hardlink("app/lib/pkg116/alias.dat", "app/lib/pkg116/new.dat"))
+	top = append(top, images.Dir("app/conf", 0o755))
+	for i := 0; i < 200; i++ {
+		add(&top, fmt.Sprintf("app/conf/c%03d.conf", i), text(1000+rng.Intn(20000)))
+	}
+	return images.Spec{
+		Repo:   "bench/commit",
+		Tag:    "1",
+		Layers: []images.Layer{baseL, big, top},
+		Cmd:    []string{images.ProbePath, "echo", "ok"},
+	}, files, size
+}
