@@ -9,7 +9,6 @@ import (
 	"io"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -23,8 +22,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/internal/layer"
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // errNotOurs marks mounts the fast comparer does not handle.
@@ -64,52 +63,41 @@ func (d *Differ) layersOf(mounts []mount.Mount) ([]string, error) {
 	default:
 		return nil, fmt.Errorf("%w: %d mounts", errNotOurs, len(mounts))
 	}
-	m := mounts[0]
-	switch m.Type {
-	case "bind", "rbind":
+	m, ok := layout.Parse(mounts[0])
+	switch {
+	case !ok:
+		return nil, fmt.Errorf("%w: mount type %s", errNotOurs, mounts[0].Type)
+	case m.Bind:
 		if _, _, ok := d.layerOf(m.Source); !ok {
 			return nil, fmt.Errorf("%w: bind of %s", errNotOurs, m.Source)
 		}
 		return []string{filepath.Clean(m.Source)}, nil
-	case fuseoverlayfs.MountType:
-		var upper, lowerOpt string
-		for _, o := range m.Options {
-			k, v, _ := strings.Cut(o, "=")
-			switch k {
-			case "upperdir":
-				upper = v
-			case "lowerdir":
-				lowerOpt = v
-			}
-		}
-		var dirs []string
-		root := ""
-		add := func(p string) error {
-			r, _, ok := d.layerOf(p)
-			if !ok || (root != "" && r != root) {
-				return fmt.Errorf("%w: layer %s", errNotOurs, p)
-			}
-			root = r
-			dirs = append(dirs, filepath.Clean(p))
-			return nil
-		}
-		if upper != "" {
-			if err := add(upper); err != nil {
-				return nil, err
-			}
-		}
-		for _, l := range strings.Split(lowerOpt, ":") {
-			if l == "" || (root != "" && filepath.Clean(l) == filepath.Join(root, "empty")) {
-				continue
-			}
-			if err := add(l); err != nil {
-				return nil, err
-			}
-		}
-		return dirs, nil
-	default:
-		return nil, fmt.Errorf("%w: mount type %s", errNotOurs, m.Type)
 	}
+	var dirs []string
+	var root layout.Root
+	add := func(p string) error {
+		r, _, ok := d.layerOf(p)
+		if !ok || (root != "" && r != root) {
+			return fmt.Errorf("%w: layer %s", errNotOurs, p)
+		}
+		root = r
+		dirs = append(dirs, filepath.Clean(p))
+		return nil
+	}
+	if m.Upper != "" {
+		if err := add(m.Upper); err != nil {
+			return nil, err
+		}
+	}
+	for _, l := range m.Lowers {
+		if l == "" || (root != "" && filepath.Clean(l) == root.Empty()) {
+			continue
+		}
+		if err := add(l); err != nil {
+			return nil, err
+		}
+	}
+	return dirs, nil
 }
 
 // compareFast writes the diff of upper over lower from the upper layer
