@@ -24,6 +24,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/fosnap/fuseoverlayfs/integration/internal/benchchart"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 )
@@ -31,17 +32,22 @@ import (
 type variant struct {
 	key, desc, snapshotter string
 	walking                bool
+	short                  string // for the chart
 }
 
 var variants = []variant{
-	{"a", "fuse-overlayfs, our Compare", "fuse-overlayfs", false},
-	{"b", "fuse-overlayfs, walking differ (FUSE)", "fuse-overlayfs", true},
-	{"c", "overlayfs (kernel), walking differ", "overlayfs", true},
+	{"a", "fuse-overlayfs, our Compare", "fuse-overlayfs", false, "our Compare"},
+	{"b", "fuse-overlayfs, walking differ (FUSE)", "fuse-overlayfs", true, "walking, FUSE"},
+	{"c", "overlayfs (kernel), walking differ", "overlayfs", true, "overlayfs"},
 }
+
+// outDir is where the table and its chart are written.
+var outDir *string
 
 func main() {
 	reps := flag.Int("reps", 5, "repetitions of each variant")
 	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
+	outDir = flag.String("out", "", "directory for commit.md and commit.svg (default: docs/bench in the repository)")
 	flag.Parse()
 	if err := run(*reps, *base); err != nil {
 		fmt.Fprintln(os.Stderr, "benchcommit:", err)
@@ -88,8 +94,9 @@ func run(reps int, base string) error {
 			fmt.Printf("run %d (%s) %-40s %6.2f s (%d bytes)\n", r, v.key, v.desc, s, n)
 		}
 	}
-	fmt.Printf("\n`ctr snapshots diff` after the container's changes, medians of %d alternating runs (%d CPUs):\n\n", reps, runtime.NumCPU())
-	fmt.Printf("| variant | snapshotter / comparer | median (s) | runs (s) |\n|---|---|---|---|\n")
+	var table strings.Builder
+	fmt.Fprintf(&table, "\n`ctr snapshots diff` after the container's changes, medians of %d alternating runs (%d CPUs):\n\n", reps, runtime.NumCPU())
+	fmt.Fprintf(&table, "| variant | snapshotter / comparer | median (s) | runs (s) |\n|---|---|---|---|\n")
 	med := map[string]float64{}
 	for _, v := range variants {
 		med[v.key] = median(samples[v.key])
@@ -97,13 +104,27 @@ func run(reps int, base string) error {
 		for _, s := range samples[v.key] {
 			runs = append(runs, fmt.Sprintf("%.2f", s))
 		}
-		fmt.Printf("| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
+		fmt.Fprintf(&table, "| (%s) | %s | %.2f | %s |\n", v.key, v.desc, med[v.key], strings.Join(runs, " "))
 	}
 	verdict := "meets"
 	if med["a"] > 1.10*med["c"] {
 		verdict = "MISSES"
 	}
-	fmt.Printf("\n| ratio | value | target |\n|---|---|---|\n| a/c | %.2f | <= 1.10: %s |\n| b/c | %.2f | (reported) |\n", med["a"]/med["c"], verdict, med["b"]/med["c"])
+	fmt.Fprintf(&table, "\n| ratio | value | target |\n|---|---|---|\n| a/c | %.2f | <= 1.10: %s |\n| b/c | %.2f | (reported) |\n", med["a"]/med["c"], verdict, med["b"]/med["c"])
+	fmt.Print(table.String())
+	root, err := harness.RepoRoot()
+	if err != nil {
+		return err
+	}
+	var bars []benchchart.Bar
+	for _, v := range variants {
+		bars = append(bars, benchchart.Bar{Label: "(" + v.key + ") " + v.short, Median: med[v.key], Runs: samples[v.key]})
+	}
+	md, svg, err := benchchart.WriteReport(root, *outDir, "commit", table.String(), fmt.Sprintf("ctr snapshots diff, medians of %d runs", reps), bars)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\nwrote %s and %s\n", md, svg)
 	return nil
 }
 

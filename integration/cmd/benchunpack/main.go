@@ -235,27 +235,16 @@ func report(vs []variant, samples map[string][]float64, reps int, work string) e
 	var table strings.Builder
 	writeTable(&table, vs, samples, reps, work)
 	fmt.Print(table.String())
-	dir := outDir
-	if dir == "" {
-		root, err := harness.RepoRoot()
-		if err != nil {
-			return err
-		}
-		dir = filepath.Join(root, "docs", "bench")
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("make %s: %w", dir, err)
-	}
-	md := filepath.Join(dir, "unpack.md")
-	if err := os.WriteFile(md, []byte(table.String()), 0o644); err != nil {
-		return fmt.Errorf("write %s: %w", md, err)
+	root, err := harness.RepoRoot()
+	if err != nil {
+		return err
 	}
 	var bars []benchchart.Bar
 	for _, v := range vs {
 		bars = append(bars, benchchart.Bar{Label: "(" + v.key + ") " + v.short, Median: median(samples[v.key]), Runs: samples[v.key]})
 	}
-	svg := filepath.Join(dir, "unpack.svg")
-	if err := benchchart.WriteSVG(svg, fmt.Sprintf("pull + unpack, medians of %d runs", reps), "seconds", bars); err != nil {
+	md, svg, err := benchchart.WriteReport(root, outDir, "unpack", table.String(), fmt.Sprintf("pull + unpack, medians of %d runs", reps), bars)
+	if err != nil {
 		return err
 	}
 	fmt.Printf("\nwrote %s and %s\n", md, svg)

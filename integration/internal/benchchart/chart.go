@@ -64,3 +64,20 @@ func WriteSVG(path, title, yLabel string, bars []Bar) error {
 	}
 	return nil
 }
+
+// WriteReport writes a benchmark's Markdown table to dir/name.md and its
+// chart to dir/name.svg (dir "" is docs/bench under root), and returns
+// the two paths.
+func WriteReport(root, dir, name, table, title string, bars []Bar) (string, string, error) {
+	if dir == "" {
+		dir = filepath.Join(root, "docs", "bench")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", "", fmt.Errorf("make %s: %w", dir, err)
+	}
+	md, svg := filepath.Join(dir, name+".md"), filepath.Join(dir, name+".svg")
+	if err := os.WriteFile(md, []byte(table), 0o644); err != nil {
+		return "", "", fmt.Errorf("write %s: %w", md, err)
+	}
+	return md, svg, WriteSVG(svg, title, "seconds", bars)
+}
