@@ -12,15 +12,12 @@
 package main
 
 import (
-	"archive/tar"
 	"context"
 	"flag"
 	"fmt"
-	"math/rand"
 	"os"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strings"
 	"time"
 
@@ -71,7 +68,7 @@ func run(reps int, base string) error {
 	if err != nil {
 		return err
 	}
-	spec, files, size := benchImage(probe)
+	spec, files, size := images.Bench(probe, "bench/commit")
 	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
 	reg, err := harness.StartRegistry(filepath.Join(work, "registry"))
 	if err != nil {
@@ -99,7 +96,7 @@ func run(reps int, base string) error {
 	fmt.Fprintf(&table, "| variant | snapshotter / comparer | median (s) | runs (s) |\n|---|---|---|---|\n")
 	med := map[string]float64{}
 	for _, v := range variants {
-		med[v.key] = median(samples[v.key])
+		med[v.key] = benchchart.Median(samples[v.key])
 		var runs []string
 		for _, s := range samples[v.key] {
 			runs = append(runs, fmt.Sprintf("%.2f", s))
@@ -181,90 +178,4 @@ func measure(work, registry, ref string, v variant) (float64, int, error) {
 		err = rerr
 	}
 	return elapsed, n, err
-}
-
-func median(xs []float64) float64 {
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-// benchImage is an application-like image: a small base, one big layer of
-// 12,000 files (about 240 MB) and a layer that deletes files and
-// directories, re-creates one, makes one opaque and adds some files.
-func benchImage(probe []byte) (images.Spec, int, int64) {
-	rng := rand.New(rand.NewSource(4))
-	words := make([]string, 512)
-	for i := range words {
-		n := 3 + rng.Intn(8)
-		b := make([]byte, n)
-		for j := range b {
-			b[j] = byte('a' + rng.Intn(26))
-		}
-		words[i] = string(b)
-	}
-	// Text-like content, so it compresses about as much as real files do.
-	text := func(size int) string {
-		var sb strings.Builder
-		sb.Grow(size + 16)
-		for sb.Len() < size {
-			sb.WriteString(words[rng.Intn(len(words))])
-			if rng.Intn(12) == 0 {
-				sb.WriteByte('\n')
-			} else {
-				sb.WriteByte(' ')
-			}
-		}
-		return sb.String()[:size]
-	}
-	var files int
-	var size int64
-	add := func(l *images.Layer, path string, body string) {
-		*l = append(*l, images.File(path, 0o644, body))
-		files++
-		size += int64(len(body))
-	}
-	baseL := images.Layer{
-		images.Dir("bin", 0o755),
-		{Path: "bin/probe", Type: tar.TypeReg, Mode: 0o755, Body: probe},
-		images.Dir("etc", 0o755),
-		images.Dir("app", 0o755),
-		images.Dir("app/base", 0o755),
-	}
-	for i := 0; i < 300; i++ {
-		add(&baseL, fmt.Sprintf("app/base/f%03d", i), text(2000+rng.Intn(8000)))
-	}
-	big := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
-	for d := 0; d < 120; d++ {
-		dir := fmt.Sprintf("app/lib/pkg%03d", d)
-		big = append(big, images.Dir(dir, 0o755))
-		for i := 0; i < 100; i++ {
-			add(&big, fmt.Sprintf("%s/m%03d.dat", dir, i), text(4000+rng.Intn(32000)))
-		}
-	}
-	top := images.Layer{images.Dir("app", 0o755), images.Dir("app/lib", 0o755)}
-	for i := 0; i < 100; i++ {
-		top = append(top, images.Whiteout(fmt.Sprintf("app/lib/pkg%03d/m%03d.dat", i, i)))
-	}
-	top = append(top, images.Whiteout("app/lib/pkg118"), images.Whiteout("app/lib/pkg119"),
-		images.Whiteout("app/lib/pkg117"), images.Dir("app/lib/pkg117", 0o755),
-		images.Dir("app/lib/pkg116", 0o755), images.Opaque("app/lib/pkg116"))
-	add(&top, "app/lib/pkg117/new.dat", text(10000))
-	add(&top, "app/lib/pkg116/new.dat", text(10000))
-	// A hard link within the layer (one to a lower layer's file would make
-	// containerd's overlayfs fast path fail: see NOTES.md).
-	top = append(top, images.Hardlink("app/lib/pkg116/alias.dat", "app/lib/pkg116/new.dat"))
-	top = append(top, images.Dir("app/conf", 0o755))
-	for i := 0; i < 200; i++ {
-		add(&top, fmt.Sprintf("app/conf/c%03d.conf", i), text(1000+rng.Intn(20000)))
-	}
-	return images.Spec{
-		Repo:   "bench/commit",
-		Tag:    "1",
-		Layers: []images.Layer{baseL, big, top},
-		Cmd:    []string{images.ProbePath, "echo", "ok"},
-	}, files, size
 }
