@@ -1095,9 +1095,10 @@ func containerdQuirks(layers [][]ent) []string {
 			m.nextLayer()
 		}
 		for _, e := range l {
-			if !m.apply(e) {
-				break // the layer is refused there
-			}
+			// Asked only when containerd's extraction succeeded: an entry
+			// the model would refuse (its guess at directory times) does
+			// not stop it from finding the quirks of later ones.
+			m.apply(e)
 		}
 	}
 	return m.quirks
