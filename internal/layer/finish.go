@@ -158,7 +158,8 @@ func (w *writer) dropWhiteout(rel string) error {
 // before the change, and that order is not kept.
 func (w *writer) checkReplaced(names []string) error {
 	for _, r := range names {
-		_, st, found, err := w.view.lookupUnder(r)
+		// The lowers as they are, whatever the layer hides of them now.
+		_, st, found, err := w.view.below().lookup(r)
 		if err != nil {
 			return err
 		}

@@ -375,9 +375,19 @@ func (r *records) whiteout(rel string) {
 }
 
 func (r *records) opaqued(rel string) {
-	if r.detached {
-		r.names.at(rel, true).opaque = true
+	if !r.detached {
+		return
 	}
+	n := r.names.at(rel, true)
+	n.opaque = true
+	// Implied directories already below were reached through the lowers
+	// before they were hidden: whether a symlink of theirs was followed
+	// is not known any more.
+	n.walk(rel, func(p string, k *node) {
+		if k != n && k.implicit > 0 {
+			r.replaced = append(r.replaced, p)
+		}
+	})
 }
 
 // madeDir notes a directory the tar listed and the layer made.
