@@ -274,7 +274,9 @@ func TestContainment(t *testing.T) {
 		}
 		var fails []found
 		notCompared, viewDiffs := 0, 0
-		strict := os.Getenv("CONTAIN_STRICT") != ""
+		// Differences from containerd's extraction fail the test; for an
+		// exploration, CONTAIN_REPORT_ONLY=1 lists them instead.
+		strict := os.Getenv("CONTAIN_REPORT_ONLY") == ""
 		start := time.Now()
 		for i := range n {
 			seed := base + int64(i)
@@ -291,10 +293,8 @@ func TestContainment(t *testing.T) {
 				switch {
 				case f == nil:
 				case f.kind == "view" && !strict:
-					// Known open corner cases (see the README's
-					// containment section): reported, not failed.
 					viewDiffs++
-					t.Logf("seed %d %s: differs from containerd's extraction (CONTAIN_STRICT=1 fails and shrinks it): %s", seed, sp, f.details[0])
+					t.Logf("seed %d %s: differs from containerd's extraction: %s", seed, sp, f.details[0])
 				default:
 					fails = append(fails, found{seed, sp, f})
 					t.Errorf("seed %d %s: %s: %s", seed, sp, f.kind, f.details[0])
