@@ -22,7 +22,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -240,7 +239,7 @@ func report(vs []variant, samples map[string][]float64, reps int, work string) e
 }
 
 // writeTable writes the machine, the medians and the ratios as Markdown.
-func writeTable(w io.Writer, vs []variant, samples map[string][]float64, reps int, work string) {
+func writeTable(w *strings.Builder, vs []variant, samples map[string][]float64, reps int, work string) {
 	med := map[string]float64{}
 	var uts unix.Utsname
 	_ = unix.Uname(&uts)
