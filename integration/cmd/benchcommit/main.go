@@ -16,7 +16,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strings"
 	"time"
@@ -53,32 +52,12 @@ func main() {
 }
 
 func run(reps int, base string) error {
-	if os.Getuid() != 0 {
-		return fmt.Errorf("run as root")
-	}
-	if missing := harness.Missing(); len(missing) > 0 {
-		return fmt.Errorf("missing: %s (make deps binaries)", strings.Join(missing, ", "))
-	}
-	work, err := os.MkdirTemp(base, "bench-commit-")
+	bench, err := harness.StartBench(base, "bench/commit")
 	if err != nil {
 		return err
 	}
-	defer func() { _ = os.RemoveAll(work) }()
-	probe, err := harness.BuildProbe(work)
-	if err != nil {
-		return err
-	}
-	spec, files, size := images.Bench(probe, "bench/commit")
-	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
-	reg, err := harness.StartRegistry(filepath.Join(work, "registry"))
-	if err != nil {
-		return err
-	}
-	defer func() { _ = reg.Stop() }()
-	ref, err := images.Push(reg.Addr, spec)
-	if err != nil {
-		return err
-	}
+	defer bench.Close()
+	work, reg, ref := bench.Work, bench.Registry, bench.Ref
 	samples := map[string][]float64{}
 	for r := 1; r <= reps; r++ {
 		for i := range variants {

@@ -32,7 +32,6 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/integration/internal/benchchart"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
-	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 )
 
 type variant struct {
@@ -66,35 +65,12 @@ func main() {
 }
 
 func run(reps int, only, base string) error {
-	if os.Getuid() != 0 {
-		return fmt.Errorf("run as root")
-	}
-	if missing := harness.Missing(); len(missing) > 0 {
-		return fmt.Errorf("missing: %s (make deps binaries)", strings.Join(missing, ", "))
-	}
-	work, err := os.MkdirTemp(base, "bench-unpack-")
+	bench, err := harness.StartBench(base, "bench/unpack")
 	if err != nil {
 		return err
 	}
-	defer func() { _ = os.RemoveAll(work) }()
-
-	probe, err := harness.BuildProbe(work)
-	if err != nil {
-		return err
-	}
-	spec, files, size := images.Bench(probe, "bench/unpack")
-	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
-	reg, err := harness.StartRegistry(filepath.Join(work, "registry"))
-	if err != nil {
-		return err
-	}
-	defer func() { _ = reg.Stop() }()
-	start := time.Now()
-	ref, err := images.Push(reg.Addr, spec)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("built and pushed %s in %.1f s\n", ref, time.Since(start).Seconds())
+	defer bench.Close()
+	work, reg, ref := bench.Work, bench.Registry, bench.Ref
 
 	var vs []variant
 	for _, v := range variants {

@@ -1,0 +1,67 @@
+package harness
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+)
+
+// Bench is what a benchmark runs against: its work directory, a local
+// registry and the benchmark image pushed to it.
+type Bench struct {
+	Work     string
+	Registry *Registry
+	Ref      string
+}
+
+// StartBench checks the prerequisites (root, bin/ and host packages), makes
+// a work directory in base, builds the benchmark image (images.Bench) as
+// repo and pushes it to a fresh local registry. Close ends it all.
+func StartBench(base, repo string) (*Bench, error) {
+	if os.Getuid() != 0 {
+		return nil, fmt.Errorf("run as root")
+	}
+	if missing := Missing(); len(missing) > 0 {
+		return nil, fmt.Errorf("missing: %s (make deps binaries)", strings.Join(missing, ", "))
+	}
+	work, err := os.MkdirTemp(base, strings.ReplaceAll(repo, "/", "-")+"-")
+	if err != nil {
+		return nil, err
+	}
+	b := &Bench{Work: work}
+	if err := b.start(repo); err != nil {
+		b.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+func (b *Bench) start(repo string) error {
+	probe, err := BuildProbe(b.Work)
+	if err != nil {
+		return err
+	}
+	spec, files, size := images.Bench(probe, repo)
+	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
+	if b.Registry, err = StartRegistry(filepath.Join(b.Work, "registry")); err != nil {
+		return err
+	}
+	start := time.Now()
+	if b.Ref, err = images.Push(b.Registry.Addr, spec); err != nil {
+		return err
+	}
+	fmt.Printf("built and pushed %s in %.1f s\n", b.Ref, time.Since(start).Seconds())
+	return nil
+}
+
+// Close stops the registry and removes the work directory.
+func (b *Bench) Close() {
+	if b.Registry != nil {
+		_ = b.Registry.Stop()
+	}
+	_ = os.RemoveAll(b.Work)
+}
