@@ -49,6 +49,7 @@ func (d *dirFD) close() {
 
 // checkName refuses anything but one plain path component.
 func checkName(name string) error {
+	countOps(1)
 	if name == "" || name == "." || name == ".." || strings.ContainsRune(name, '/') || strings.IndexByte(name, 0) >= 0 {
 		return fmt.Errorf("%q is not a single path component: %w", name, errdefs.ErrInvalidArgument)
 	}
@@ -223,6 +224,7 @@ func (d *dirFD) names() ([]string, error) {
 	if err != nil {
 		return nil, &os.PathError{Op: "readdir", Path: d.rel, Err: err}
 	}
+	countOps(1 + len(names))
 	return names, nil
 }
 
