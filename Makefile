@@ -54,7 +54,7 @@ unit:
 FUZZ_SCALE    ?= 1
 FUZZ_MINIMIZE ?= 0s
 # package:target:inputs
-FUZZ_TARGETS  := .:FuzzParseIDMapping:30000 .:FuzzMountOptions:30000 \
+FUZZ_TARGETS  := .:FuzzParseIDMapping:200000 .:FuzzMountOptions:200000 \
                  ./internal/layer:FuzzApplyContained:4000 ./internal/layer:FuzzContainment:300
 
 fuzz:
