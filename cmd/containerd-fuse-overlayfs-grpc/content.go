@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/userns"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 )
 
 // contentSubdir is where containerd keeps its content store below its root
@@ -27,7 +28,9 @@ type contentDir struct{ dir string }
 
 // ReaderAt opens the blob of desc. A blob that is missing or cannot be read
 // is an errdefs.ErrNotFound error naming the digest and the path looked at,
-// keeping the system's error as its cause.
+// keeping the system's error as its cause. Anything but a regular file in
+// its place (FIFO, symlink, directory, device) is errdefs.ErrFailedPrecondition:
+// the digest asked for is valid, the store's state is wrong.
 func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (content.ReaderAt, error) {
 	// Validate before building a path from it: the digest comes from the
 	// caller, and a bad one must not name a file elsewhere.
@@ -35,22 +38,16 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 		return nil, fmt.Errorf("read layer %q: %w: %w", desc.Digest, errdefs.ErrInvalidArgument, err)
 	}
 	p := filepath.Join(c.dir, "blobs", desc.Digest.Algorithm().String(), desc.Digest.Encoded())
-	f, err := os.Open(p)
+	f, st, err := openBlob(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("read layer %s: not in containerd's content store: %s does not exist (the server reads layers from content_dir %s; set it, or --content-dir, to <containerd root>/%s): %w: %w",
 			desc.Digest, p, c.dir, contentSubdir, errdefs.ErrNotFound, err)
 	}
+	if errors.Is(err, errNotRegular) {
+		return nil, fmt.Errorf("read layer %s: %s: %w (containerd stores a blob as a regular file; remove it and pull the image again): %w", desc.Digest, p, err, errdefs.ErrFailedPrecondition)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read layer %s from containerd's content store at %s: %w: %w", desc.Digest, p, errdefs.ErrNotFound, err)
-	}
-	st, err := f.Stat()
-	if err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("read layer %s from containerd's content store at %s: %w: %w", desc.Digest, p, errdefs.ErrNotFound, err)
-	}
-	if !st.Mode().IsRegular() {
-		_ = f.Close()
-		return nil, fmt.Errorf("read layer %s: %s is not a regular file (mode %v): %w", desc.Digest, p, st.Mode(), errdefs.ErrNotFound)
 	}
 	// containerd renames a blob into place complete, so a size that
 	// disagrees with the descriptor is another blob's descriptor, or damage.
@@ -59,6 +56,43 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 		return nil, fmt.Errorf("read layer %s: %s has %d bytes, the descriptor says %d: %w", desc.Digest, p, st.Size(), desc.Size, errdefs.ErrFailedPrecondition)
 	}
 	return blobReader{f: f, size: st.Size()}, nil
+}
+
+// errNotRegular is the cause of a blob path naming anything but a regular
+// file.
+var errNotRegular = errors.New("not a regular file")
+
+// openBlob opens the regular file at p for reading. O_NONBLOCK keeps a FIFO
+// from blocking the open until a writer comes, O_NOFOLLOW refuses a
+// symlink (ELOOP), and a socket or driverless device fails with ENXIO or
+// ENODEV; fstat on the open descriptor then decides, so nothing is
+// checked by name and used by name. O_NONBLOCK is cleared before the file
+// is read.
+func openBlob(p string) (*os.File, os.FileInfo, error) {
+	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ELOOP) {
+		return nil, nil, fmt.Errorf("%w: a symbolic link", errNotRegular)
+	}
+	// Only a socket or a device without a driver fails its open so.
+	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENODEV) {
+		return nil, nil, fmt.Errorf("%w: a socket or device (%w)", errNotRegular, err)
+	}
+	if err != nil {
+		return nil, nil, &fs.PathError{Op: "open", Path: p, Err: err}
+	}
+	f := os.NewFile(uintptr(fd), p)
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("%w (mode %v)", errNotRegular, st.Mode())
+	}
+	if err == nil {
+		err = unix.SetNonblock(fd, false)
+	}
+	if err != nil {
+		_ = f.Close()
+		return nil, nil, err
+	}
+	return f, st, nil
 }
 
 // blobReader is an open blob.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"path"
 	"strings"
 
@@ -311,6 +310,12 @@ func (w *writer) create(parent *dirFD, base string, hdr *tar.Header, r io.Reader
 	}
 }
 
+// maxDevMajor and maxDevMinor bound the device numbers Linux stores.
+const (
+	maxDevMajor = 1 << 12
+	maxDevMinor = 1 << 20
+)
+
 func nodeOf(hdr *tar.Header) (uint32, int, error) {
 	mode := uint32(hdr.Mode & 0o7777)
 	switch hdr.Typeflag {
@@ -321,8 +326,12 @@ func nodeOf(hdr *tar.Header) (uint32, int, error) {
 	default:
 		mode |= unix.S_IFIFO
 	}
-	if hdr.Devmajor < 0 || hdr.Devmajor > math.MaxUint32 || hdr.Devminor < 0 || hdr.Devminor > math.MaxUint32 {
-		return 0, 0, fmt.Errorf("device number %d:%d out of range: %w", hdr.Devmajor, hdr.Devminor, errdefs.ErrInvalidArgument)
+	// mknodat(2) takes a 32-bit dev_t that the kernel splits by
+	// new_decode_dev (include/linux/kdev_t.h): 12 bits of major, 20 of
+	// minor. More would be cut, 4096:0 to 0:0, a whiteout.
+	if hdr.Devmajor < 0 || hdr.Devmajor >= maxDevMajor || hdr.Devminor < 0 || hdr.Devminor >= maxDevMinor {
+		return 0, 0, fmt.Errorf("device number %d:%d out of range (Linux takes major < %d, minor < %d): %w",
+			hdr.Devmajor, hdr.Devminor, maxDevMajor, maxDevMinor, errdefs.ErrInvalidArgument)
 	}
 	return mode, int(unix.Mkdev(uint32(hdr.Devmajor), uint32(hdr.Devminor))), nil
 }
