@@ -1,12 +1,13 @@
 package fuseoverlayfs
 
 import (
-	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // Config is the configuration shared by the built-in plugin and the gRPC
@@ -67,52 +68,22 @@ func (c *Config) Opts() []Opt {
 	return opts
 }
 
-// reservedOptions are set by the snapshotter itself; letting a user set them
-// would point a mount at another snapshot's data or fake an ID mapping.
-var reservedOptions = map[string]bool{
-	"lowerdir":   true,
-	"upperdir":   true,
-	"workdir":    true,
-	"uidmapping": true,
-	"gidmapping": true,
-}
-
-// ValidateMountOptions checks extra fuse-overlayfs options: each must be a
-// single option (no ',' that would smuggle in more), with a non-empty key made
-// of letters, digits, '_' and '-', no control characters or spaces, and not
-// one the snapshotter sets itself.
+// ValidateMountOptions checks extra fuse-overlayfs options with
+// layout.CheckExtraOption: each must be a single option (no ',' that would
+// smuggle in more), with a non-empty key made of letters, digits, '_' and '-',
+// no control characters or spaces, and not one the snapshotter sets itself or
+// one that makes fuse-overlayfs or mount.fuse3 run code; and no key twice.
 func ValidateMountOptions(options []string) error {
+	seen := make(map[string]bool, len(options))
 	for _, o := range options {
-		if err := validateMountOption(o); err != nil {
+		key, _, _ := strings.Cut(o, "=")
+		if seen[key] {
+			return fmt.Errorf("mount option %q: %w: %s given twice (fuse-overlayfs would take the last; the differ refuses such mounts)", o, errdefs.ErrInvalidArgument, key)
+		}
+		seen[key] = true
+		if err := layout.CheckExtraOption(o); err != nil {
 			return fmt.Errorf("mount option %q: %w: %w", o, errdefs.ErrInvalidArgument, err)
 		}
-	}
-	return nil
-}
-
-func validateMountOption(o string) error {
-	if o == "" {
-		return errors.New("empty option")
-	}
-	for _, c := range o {
-		switch {
-		case c == ',':
-			return errors.New("',' separates options; give each option as its own list item")
-		case c < 0x20 || c == 0x7f || c == ' ':
-			return errors.New("contains a space or control character")
-		}
-	}
-	key, _, _ := strings.Cut(o, "=")
-	if key == "" {
-		return errors.New("option has no name before '='")
-	}
-	for _, c := range key {
-		if (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (c < '0' || c > '9') && c != '_' && c != '-' {
-			return fmt.Errorf("option name %q has character %q", key, c)
-		}
-	}
-	if reservedOptions[key] {
-		return fmt.Errorf("%s is set by the snapshotter and cannot be configured", key)
 	}
 	return nil
 }

@@ -28,6 +28,9 @@ func FuzzMountOptions(f *testing.F) {
 	f.Add("noacl,upperdir=/etc", "0:1000:1,1:2000:3", "")
 	f.Add("squash_to_uid=0", "0:1000:1,uidmapping=0:0:1", "x")
 	f.Add("=lowerdir", "", "0:0:1")
+	f.Add("uidmapping=0:0:65536,upperdir=/elsewhere/fs,workdir=/elsewhere/work", "0:0:65536", "")
+	f.Add("noacl\nnoacl", "", "")
+	f.Add("static_nlink\nplugins=/tmp/p.so", "", "")
 	f.Fuzz(func(t *testing.T, extra, uidmap, gidmap string) {
 		opts := strings.Split(extra, "\n")
 		labels := map[string]string{}
@@ -50,6 +53,10 @@ func FuzzMountOptions(f *testing.F) {
 				t.Fatalf("wrong error class: %v", err)
 			}
 			return
+		}
+		// The differ reads back, and accepts, whatever the snapshotter builds.
+		if _, ok, err := layout.Parse(m[0]); !ok || err != nil {
+			t.Fatalf("own mount %q refused: %v, %v", m[0].Options, ok, err)
 		}
 		joined := strings.Join(m[0].Options, ",")
 		got := map[string][]string{}

@@ -63,8 +63,10 @@ func (d *Differ) layersOf(mounts []mount.Mount) ([]string, error) {
 	default:
 		return nil, fmt.Errorf("%w: %d mounts", errNotOurs, len(mounts))
 	}
-	m, ok := layout.Parse(mounts[0])
+	m, ok, err := layout.Parse(mounts[0])
 	switch {
+	case err != nil:
+		return nil, err
 	case !ok:
 		return nil, fmt.Errorf("%w: mount type %s", errNotOurs, mounts[0].Type)
 	case m.Bind:

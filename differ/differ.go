@@ -103,6 +103,11 @@ func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts .
 		if err == nil {
 			return d.compareFast(ctx, upperDir, lowers, opts...)
 		}
+		// A mount of ours with options the snapshotter never writes is
+		// refused: the walking differ would mount it as it stands.
+		if errdefs.IsInvalidArgument(err) {
+			return ocispec.Descriptor{}, fmt.Errorf("compare mounts: %w", err)
+		}
 		log.G(ctx).WithError(err).Debug("compare: using the walking differ")
 	}
 	return d.comparer.Compare(ctx, lower, upper, opts...)
@@ -209,8 +214,10 @@ func (d *Differ) target(mounts []mount.Mount) (target, error) {
 	if len(mounts) != 1 {
 		return notOurs(fmt.Sprintf("%d mounts", len(mounts)))
 	}
-	m, ok := layout.Parse(mounts[0])
+	m, ok, err := layout.Parse(mounts[0])
 	switch {
+	case err != nil:
+		return target{}, err
 	case !ok:
 		return notOurs("type " + mounts[0].Type)
 	case m.Bind:

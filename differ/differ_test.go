@@ -349,6 +349,51 @@ func TestForeignMountsDeclined(t *testing.T) {
 	}
 }
 
+// TestSmuggledMountsRefused: a mount of ours whose options the mount
+// helper would read as other options (joined with commas, the last upperdir
+// wins), or with options the snapshotter never writes, is refused as
+// invalid by Apply and Compare, and nothing is written anywhere.
+func TestSmuggledMountsRefused(t *testing.T) {
+	e := newEnv(t)
+	dif := New(e.store, []string{e.root})
+	if _, err := e.sn.Prepare(e.ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.sn.Commit(e.ctx, "c", "a"); err != nil {
+		t.Fatal(err)
+	}
+	ofs, err := e.sn.Prepare(e.ctx, "b", "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	with := func(opts ...string) []mount.Mount {
+		m := ofs[0]
+		m.Options = append(append([]string{}, m.Options...), opts...)
+		return []mount.Mount{m}
+	}
+	desc, _ := e.blob(t, layerTar(t, f("x", "x")))
+	for name, m := range map[string][]mount.Mount{
+		"smuggled in uidmapping": with("uidmapping=0:0:65536,upperdir=" + other + ",workdir=" + other),
+		"smuggled in an extra":   with("noacl,upperdir=" + other),
+		"repeated upperdir":      with("upperdir=" + other),
+		"plugin":                 with("plugins=" + filepath.Join(other, "p.so")),
+	} {
+		if _, err := dif.Apply(e.ctx, desc, m); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("apply %s: got %v, want ErrInvalidArgument", name, err)
+		}
+		if _, err := dif.Compare(e.ctx, nil, m); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("compare %s: got %v, want ErrInvalidArgument", name, err)
+		}
+	}
+	if entries, err := os.ReadDir(other); err != nil || len(entries) != 0 {
+		t.Errorf("written outside the root: %v %v", entries, err)
+	}
+	if _, err := os.Lstat(filepath.Join(upperOf(t, ofs), "x")); err == nil {
+		t.Error("layer written into the snapshot")
+	}
+}
+
 // TestCompareIsWalking: the comparer is containerd's walking differ.
 func TestCompareIsWalking(t *testing.T) {
 	testutil.RequireRoot(t)

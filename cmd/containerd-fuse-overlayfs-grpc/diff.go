@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/fosnap/fuseoverlayfs/differ"
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // diffServer returns containerd's diff API served by our differ for the
@@ -78,10 +79,8 @@ func target(mounts []mount.Mount) string {
 	if len(mounts) != 1 {
 		return ""
 	}
-	for _, o := range mounts[0].Options {
-		if v, ok := strings.CutPrefix(o, "upperdir="); ok {
-			return v
-		}
+	if m, ok, err := layout.Parse(mounts[0]); ok && err == nil && m.Upper != "" {
+		return m.Upper
 	}
 	return mounts[0].Source
 }

@@ -4,10 +4,13 @@
 package layout
 
 import (
+	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
 )
 
 // MountType is the type of the overlay mounts the snapshotter returns;
@@ -96,8 +99,16 @@ type Mount struct {
 	IDMapped bool     // the overlay maps IDs (uidmapping or gidmapping)
 }
 
-// Parse reads m back; ok is false for any other kind of mount.
-func Parse(m mount.Mount) (Mount, bool) {
+// Parse reads m back; ok is false for any other kind of mount. An overlay
+// mount is read as the mount helper will see it: mount.fuse3 and
+// fuse-overlayfs get its options joined with commas, so an option element
+// holding a comma (or a backslash, which libfuse reads as an escape) would
+// smuggle in another option, and fuse-overlayfs takes the last of a repeated
+// one. Parse therefore refuses, with errdefs.ErrInvalidArgument, any overlay
+// option that is not one Overlay writes: such elements, repeated keys, keys
+// Overlay never sets, directories that are not absolute clean paths, and ID
+// mappings that are not digits and ':'.
+func Parse(m mount.Mount) (Mount, bool, error) {
 	switch m.Type {
 	case "bind", "rbind":
 		p := Mount{Bind: true, Source: m.Source, RW: true}
@@ -106,23 +117,136 @@ func Parse(m mount.Mount) (Mount, bool) {
 				p.RW = false
 			}
 		}
-		return p, true
+		return p, true, nil
 	case MountType:
-		var p Mount
-		for _, o := range m.Options {
-			k, v, _ := strings.Cut(o, "=")
-			switch k {
-			case "upperdir":
-				p.Upper = v
-			case "workdir":
-				p.Work = v
-			case "lowerdir":
-				p.Lowers = strings.Split(v, ":")
-			case "uidmapping", "gidmapping":
-				p.IDMapped = true
+		p, err := parseOverlay(m.Options)
+		return p, true, err
+	}
+	return Mount{}, false, nil
+}
+
+func parseOverlay(options []string) (Mount, error) {
+	var p Mount
+	seen := make(map[string]bool, len(options))
+	for _, o := range options {
+		k, v, _ := strings.Cut(o, "=")
+		err := checkElement(o)
+		if err == nil && seen[k] {
+			err = errors.New("given twice; fuse-overlayfs would take the last")
+		}
+		if err == nil {
+			err = p.set(k, v, o)
+		}
+		if err != nil {
+			return Mount{}, fmt.Errorf("parse fuse-overlayfs mount option %q: %w: %w (only the options the snapshotter writes are accepted)", o, errdefs.ErrInvalidArgument, err)
+		}
+		seen[k] = true
+	}
+	if !seen["lowerdir"] {
+		return Mount{}, fmt.Errorf("parse fuse-overlayfs mount: no lowerdir: %w", errdefs.ErrInvalidArgument)
+	}
+	if seen["upperdir"] != seen["workdir"] {
+		return Mount{}, fmt.Errorf("parse fuse-overlayfs mount: upperdir and workdir go together: %w", errdefs.ErrInvalidArgument)
+	}
+	return p, nil
+}
+
+// set records option o (key k, value v) in p.
+func (p *Mount) set(k, v, o string) error {
+	var err error
+	switch k {
+	case "upperdir":
+		p.Upper, err = v, checkDir(v)
+	case "workdir":
+		p.Work, err = v, checkDir(v)
+	case "lowerdir":
+		p.Lowers = strings.Split(v, ":")
+		for _, l := range p.Lowers {
+			if err == nil {
+				err = checkDir(l)
 			}
 		}
-		return p, true
+	case "uidmapping", "gidmapping":
+		p.IDMapped = true
+		if v == "" || strings.Trim(v, "0123456789:") != "" {
+			err = errors.New("an ID mapping is digits and ':'")
+		}
+	default:
+		err = CheckExtraOption(o)
 	}
-	return Mount{}, false
+	return err
+}
+
+// checkElement refuses what mount.fuse3 or fuse-overlayfs would read as
+// more than one option, or as an escape.
+func checkElement(o string) error {
+	for _, c := range o {
+		switch {
+		case c == ',':
+			return errors.New("',' separates options: the mount helper would read more than one")
+		case c == '\\':
+			return errors.New("libfuse reads a backslash as an escape")
+		case c < 0x20 || c == 0x7f || c == ' ':
+			return errors.New("contains a space or control character")
+		}
+	}
+	return nil
+}
+
+// checkDir refuses a directory option that Overlay cannot have written:
+// not absolute, not clean ("..", "//", a trailing "/"), or holding ':',
+// which separates lower directories.
+func checkDir(p string) error {
+	switch {
+	case !filepath.IsAbs(p):
+		return fmt.Errorf("directory %q is not absolute", p)
+	case filepath.Clean(p) != p:
+		return fmt.Errorf("directory %q is not a clean path", p)
+	case strings.ContainsRune(p, ':'):
+		return fmt.Errorf("directory %q holds ':'", p)
+	}
+	return nil
+}
+
+// reservedOptions are set by the snapshotter itself (letting a user set them
+// would point a mount at another snapshot's data or fake an ID mapping), or
+// would make fuse-overlayfs or its mount helper run code or change user:
+// fuse-overlayfs loads plugins=, mount.fuse3 honours setuid= and
+// drop_privileges.
+var reservedOptions = map[string]bool{
+	"lowerdir":        true,
+	"upperdir":        true,
+	"workdir":         true,
+	"uidmapping":      true,
+	"gidmapping":      true,
+	"plugins":         true,
+	"setuid":          true,
+	"drop_privileges": true,
+}
+
+// CheckExtraOption checks one extra fuse-overlayfs option, as configured for
+// the snapshotter and as read back by Parse: a single option (no ',' that
+// would smuggle in more, no backslash escape), with a non-empty key made of
+// letters, digits, '_' and '-', no control characters or spaces, and not
+// one the snapshotter sets itself or that runs code.
+func CheckExtraOption(o string) error {
+	if o == "" {
+		return errors.New("empty option")
+	}
+	if err := checkElement(o); err != nil {
+		return err
+	}
+	key, _, _ := strings.Cut(o, "=")
+	if key == "" {
+		return errors.New("option has no name before '='")
+	}
+	for _, c := range key {
+		if (c < 'a' || c > 'z') && (c < 'A' || c > 'Z') && (c < '0' || c > '9') && c != '_' && c != '-' {
+			return fmt.Errorf("option name %q has character %q", key, c)
+		}
+	}
+	if reservedOptions[key] {
+		return fmt.Errorf("%s is set by the snapshotter or runs code, and cannot be given", key)
+	}
+	return nil
 }
