@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
@@ -383,7 +384,7 @@ func TestRootlessSnapshotterSuite(t *testing.T) {
 	}
 	innerSetup(t)
 	// The host checks pass rootless: /dev/fuse opens, the probe mounts.
-	if info, err := fuseoverlayfs.Check(filepath.Join(t.TempDir(), "check")); err != nil {
+	if info, err := hostcheck.Require(filepath.Join(t.TempDir(), "check")); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("host check: fuse-overlayfs %s at %s", info.Version, info.FuseOverlayfs)

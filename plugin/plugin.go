@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/plugin/registry"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 )
 
 // ID is the snapshotter's name, as in `ctr --snapshotter fuse-overlayfs`.
@@ -50,7 +51,7 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	if config.RootPath != "" {
 		root = config.RootPath
 	}
-	info, err := fuseoverlayfs.Check(root)
+	info, err := hostcheck.Require(root)
 	if err != nil {
 		// Skipping keeps containerd running without this snapshotter;
 		// `ctr plugins ls -d` shows the reason.

@@ -49,6 +49,7 @@ import (
 	"google.golang.org/grpc"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 )
 
 const name = "containerd-fuse-overlayfs-grpc"
@@ -296,7 +297,7 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 	defer signal.Stop(hups)
 
 	// The same checks, with the same messages, as the built-in plugin.
-	info, err := fuseoverlayfs.Check(o.root)
+	info, err := hostcheck.Require(o.root)
 	if err != nil {
 		return err
 	}
