@@ -396,7 +396,7 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return err
 		}
 		if len(s.ParentIDs) > 0 {
-			if err := copyOwner(o.root.FS(s.ParentIDs[0]), tmp+"/fs"); err != nil {
+			if err := copyOwner(o.root.FS(s.ParentIDs[0]), layout.LayerIn(tmp)); err != nil {
 				return err
 			}
 		}
@@ -415,15 +415,15 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 // newSnapshotDir makes a temporary directory holding fs (and work for an
 // active snapshot); it is renamed into place only once the snapshot exists.
 func (o *snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
-	tmp, err := os.MkdirTemp(o.root.Snapshots(), "new-")
+	tmp, err := os.MkdirTemp(o.root.Snapshots(), layout.NewSnapshotPattern)
 	if err != nil {
 		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
 	}
-	if err := os.Mkdir(tmp+"/fs", 0o755); err != nil {
+	if err := os.Mkdir(layout.LayerIn(tmp), 0o755); err != nil {
 		return tmp, err
 	}
 	if kind == snapshots.KindActive {
-		if err := os.Mkdir(tmp+"/work", 0o700); err != nil {
+		if err := os.Mkdir(layout.WorkIn(tmp), 0o700); err != nil {
 			return tmp, err
 		}
 	}

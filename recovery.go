@@ -12,12 +12,11 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
-
-// fuseFSType is how the kernel lists mounts served by fuse-overlayfs.
-const fuseFSType = "fuse.fuse-overlayfs"
 
 // recoverRoot deals with what an interrupted run left in the root: probe
 // directories, temporary create directories and directories the store no
@@ -32,7 +31,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 		deadMountsFound.WithValues("open").Inc()
 		log.G(ctx).WithField("mountpoint", m).Info("detached fuse-overlayfs mount whose server is gone")
 	}
-	probes, err := filepath.Glob(filepath.Join(string(o.root), ".probe-*"))
+	probes, err := filepath.Glob(o.root.Probes())
 	if err != nil {
 		return err
 	}
@@ -66,7 +65,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 // every access to them fails with ENOTCONN and nothing can bring them back,
 // so they are reclaimed wherever they are.
 func deadFUSEMounts() []string {
-	mounts, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(fuseFSType))
+	mounts, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(layout.FSType))
 	if err != nil {
 		return nil
 	}

@@ -19,6 +19,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // watcher notices fuse-overlayfs servers of this snapshotter's mounts that
@@ -176,7 +178,7 @@ func (w *watcher) scan() {
 			continue
 		}
 		comm, err := os.ReadFile(p + "/comm")
-		if err != nil || string(bytes.TrimSpace(comm)) != "fuse-overlayfs" {
+		if err != nil || string(bytes.TrimSpace(comm)) != layout.ServerComm {
 			continue
 		}
 		s, ok := w.parseServer(pid)
@@ -299,7 +301,7 @@ func (w *watcher) pruneDead() {
 
 func isMounted(mp string) bool {
 	mounts, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(mp))
-	return err == nil && len(mounts) > 0 && mounts[0].FSType == fuseFSType
+	return err == nil && len(mounts) > 0 && mounts[0].FSType == layout.FSType
 }
 
 // stats reads the resident memory and open descriptors of the watched
