@@ -21,6 +21,7 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 type snapshotter struct {
@@ -28,7 +29,7 @@ type snapshotter struct {
 	ms          *storage.MetaStore
 	asyncRemove bool
 	options     []string
-	watch       *watcher // nil when the watcher could not start
+	mon         *monitor.Handle
 }
 
 // Compile-time proof of the interfaces containerd looks for.
@@ -80,10 +81,7 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 		_ = ms.Close()
 		return nil, fmt.Errorf("recover snapshotter root %s: %w", root, err)
 	}
-	if o.watch, err = startWatcher(o); err != nil {
-		log.L.WithError(err).Warn("cannot watch fuse-overlayfs servers: a server that dies will not be reported")
-	}
-	registerOpen(o)
+	o.mon = monitor.Start(monitor.Source{Root: root, KeyOf: o.keyOf, Census: o.census})
 	return o, nil
 }
 
@@ -349,11 +347,7 @@ func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 
 // Close releases the metadata store.
 func (o *snapshotter) Close() error {
-	unregisterOpen(o)
-	if o.watch != nil {
-		o.watch.stop()
-		o.watch = nil
-	}
+	o.mon.Close()
 	return o.ms.Close()
 }
 

@@ -16,6 +16,7 @@ import (
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/hostcheck"
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 // ID is the snapshotter's name, as in `ctr --snapshotter fuse-overlayfs`.
@@ -61,6 +62,8 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
 	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs, snapshots.RebaseCap)
+	// containerd serves the default registry on its [metrics] address.
+	monitor.Register()
 	sn, err := fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
 	if err != nil {
 		// Skipped, not failed: containerd's metadata plugin refuses to load

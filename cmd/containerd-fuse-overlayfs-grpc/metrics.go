@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/docker/go-metrics"
+
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 // metricsPath is where the metrics are served, as containerd serves its own.
@@ -50,6 +52,7 @@ func checkMetricsAddress(addr string) error {
 // the differ's metrics, Go runtime and process metrics) on addr at
 // /v1/metrics. The returned function stops it.
 func serveMetrics(addr string) (func(), error) {
+	monitor.Register()
 	var l net.Listener
 	var err error
 	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
