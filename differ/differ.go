@@ -1,7 +1,9 @@
 // Package differ is a containerd diff plugin implementation for the
 // fuse-overlayfs snapshotter. Its applier writes image layers straight into
 // the snapshot's layer directory instead of pushing every file through a
-// FUSE mount; its comparer is containerd's walking differ.
+// FUSE mount. Its comparer reads the snapshot's upper directory directly
+// (our fast Compare, compare.go) and falls back to containerd's walking
+// differ for mounts it cannot read that way.
 package differ
 
 import (

@@ -1,5 +1,9 @@
-// Package plugin registers the fuse-overlayfs snapshotter as a containerd
-// plugin. Blank-import it into a containerd build:
+// Package plugin registers two containerd plugins named fuse-overlayfs: the
+// snapshotter (io.containerd.snapshotter.v1) and its differ
+// (io.containerd.differ.v1, differ.go), which applies layers straight into
+// the snapshotter's layer directories and compares them without FUSE. At
+// load the snapshotter runs hostcheck.Require and registers the monitor's
+// metrics. Blank-import it into a containerd build:
 //
 //	import _ "github.com/fosnap/fuseoverlayfs/plugin"
 package plugin
