@@ -323,6 +323,8 @@ func (o *snapshotter) Cleanup(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// orphans lists the snapshot directories the store does not know, as
+// getCleanupDirectories of containerd v2.4.2's overlay snapshotter does.
 func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 	ids, err := storage.IDMap(ctx)
 	if errors.Is(err, errdefs.ErrNotFound) {
@@ -351,6 +353,10 @@ func (o *snapshotter) Close() error {
 	return o.ms.Close()
 }
 
+// create follows createSnapshot of containerd v2.4.2's
+// plugins/snapshots/overlay/overlay.go: the directory is built under a
+// temporary name inside the write transaction and renamed to the snapshot's
+// ID once the store holds it.
 func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (m []mount.Mount, err error) {
 	if err := validateKey("snapshot key", key); err != nil {
 		return nil, err
@@ -407,7 +413,8 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 }
 
 // newSnapshotDir makes a temporary directory holding fs (and work for an
-// active snapshot); it is renamed into place only once the snapshot exists.
+// active snapshot); it is renamed into place only once the snapshot exists
+// (prepareDirectory of containerd v2.4.2's overlay snapshotter).
 func (o *snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
 	tmp, err := os.MkdirTemp(o.root.Snapshots(), layout.NewSnapshotPattern)
 	if err != nil {
