@@ -53,7 +53,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cannot remove snapshot directory unknown to the metadata store")
 			continue
 		}
-		monitor.DirRecovered(monitor.RecoveredOrph)
+		monitor.DirRecovered(monitor.RecoveredOrphan)
 		log.G(ctx).WithField("path", dir).Info("removed snapshot directory unknown to the metadata store")
 	}
 	return nil

@@ -40,10 +40,10 @@ type Source struct {
 
 // The reasons and kinds the counters are labelled with.
 const (
-	FoundAtOpen    = "open"    // dead mount found by the recovery at open
-	FoundRunning   = "running" // dead mount found by the watcher
-	RecoveredProbe = "probe"   // leftover host-check probe directory removed
-	RecoveredOrph  = "orphan"  // snapshot directory the store does not know removed
+	FoundAtOpen     = "open"    // dead mount found by the recovery at open
+	FoundRunning    = "running" // dead mount found by the watcher
+	RecoveredProbe  = "probe"   // leftover host-check probe directory removed
+	RecoveredOrphan = "orphan"  // snapshot directory the store does not know removed
 )
 
 // sampleInterval bounds how often a scrape walks the metadata stores and
@@ -79,7 +79,7 @@ func Register() {
 		for _, w := range []string{FoundAtOpen, FoundRunning} {
 			deadMountsFound.WithValues(w).Inc(0)
 		}
-		for _, k := range []string{RecoveredProbe, RecoveredOrph} {
+		for _, k := range []string{RecoveredProbe, RecoveredOrphan} {
 			recoveredDirs.WithValues(k).Inc(0)
 		}
 		ns.Add(&theSampler)
@@ -92,7 +92,7 @@ func Register() {
 func DeadMountFound(when string) { deadMountsFound.WithValues(when).Inc() }
 
 // DirRecovered counts a directory the recovery at open removed, of kind
-// RecoveredProbe or RecoveredOrph.
+// RecoveredProbe or RecoveredOrphan.
 func DirRecovered(kind string) { recoveredDirs.WithValues(kind).Inc() }
 
 // sample is what one sampling found.
