@@ -46,10 +46,6 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 		_, _ = fmt.Fprintf(stderr, "%s check: unexpected arguments %q\n", name, fs.Args())
 		return exitUsage
 	}
-	if *root == "" {
-		_, _ = fmt.Fprintf(stderr, "%s check: cannot tell containerd's root (neither XDG_DATA_HOME nor HOME is an absolute path): give --root\n", name)
-		return exitUsage
-	}
 	abs, err := filepath.Abs(*root)
 	if err != nil {
 		_, _ = fmt.Fprintf(stderr, "%s check: %v\n", name, err)
@@ -76,12 +72,17 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// defaultRoot is where the built-in plugin keeps its snapshots in
-// containerdRoot; empty when that cannot be told (--root is then needed).
+// defaultRoot is where a root containerd keeps the plugin's snapshots, or
+// for another user where a rootless one (as nerdctl sets it up) does.
 func defaultRoot() string {
-	root, err := containerdRoot(os.Getenv, runningRootless())
-	if err != nil {
-		return ""
+	const sub = "io.containerd.snapshotter.v1.fuse-overlayfs"
+	if os.Geteuid() == 0 {
+		return "/var/lib/containerd/" + sub
 	}
-	return filepath.Join(root, "io.containerd.snapshotter.v1.fuse-overlayfs")
+	data := os.Getenv("XDG_DATA_HOME")
+	if data == "" {
+		home, _ := os.UserHomeDir()
+		data = filepath.Join(home, ".local", "share")
+	}
+	return filepath.Join(data, "containerd", sub)
 }
