@@ -2,6 +2,7 @@ package layer
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -356,7 +357,7 @@ func (e *exporter) entry(d *dirFD, name, rel string, st *unix.Stat_t, hidden boo
 			return err
 		}
 		if found {
-			if same, err := e.sameAsLower(rel, st, kept, li, &lst); err != nil || same {
+			if same, err := e.sameAsLower(rel, st, kept, li, &lst, file); err != nil || same {
 				return err // a copy-up that changed nothing
 			}
 		}
@@ -400,7 +401,18 @@ func (e *exporter) dirEntry(sub *dirFD, rel string, st *unix.Stat_t, hdr *tar.He
 	case overDir && opaque:
 		// Removed and re-created, renamed onto, or marked opaque: the
 		// directory, then its marker (containerd's appliers need the
-		// directory first), so that nothing of the lower one shows.
+		// directory first), so that nothing of the lower one shows. An
+		// applier writing into a merged tree (containerd's naive one,
+		// ours) keeps the lower directory's xattrs that the entry does not
+		// set: a whiteout in front drops them.
+		if lost, err := e.lowerXattrsLost(rel, li, kept); err != nil {
+			return err
+		} else if lost {
+			parent, base := splitParent(rel)
+			if err := e.whiteout(join(parent, whPrefix+base)); err != nil {
+				return err
+			}
+		}
 		if err := e.write(hdr); err != nil {
 			return err
 		}
@@ -408,7 +420,7 @@ func (e *exporter) dirEntry(sub *dirFD, rel string, st *unix.Stat_t, hdr *tar.He
 			return err
 		}
 	case overDir:
-		same, err := e.sameAsLower(rel, st, kept, li, &lst)
+		same, err := e.sameAsLower(rel, st, kept, li, &lst, nil)
 		if err != nil {
 			return err
 		}
@@ -452,19 +464,57 @@ func keptXattrs(rel string, names []string, get func(string) ([]byte, error)) (m
 	return kept, nil
 }
 
-// sameAsLower reports whether the upper file rel (stat st, xattrs kept) is
-// the file of layer li (stat lst) the lower layers show there, as far as
-// the walking differ looks:
-// type, mode, owner, device number, xattrs; for a regular file also size
-// and a nonzero mtime to the nanosecond (a zero one may be truncated, and
-// the walking differ then compares content: we write the file instead).
-func (e *exporter) sameAsLower(rel string, st *unix.Stat_t, kept map[string]string, li int, lst *unix.Stat_t) (bool, error) {
+// sameAsLower reports whether the upper file rel (stat st, xattrs kept,
+// open as upper if a regular file) is the file of layer li (stat lst) the
+// lower layers show there, as far as the walking differ looks (continuity
+// v0.5.0 fs/path.go sameFile, plus all xattrs, which we carry): type,
+// mode, owner, device number, xattrs; for a regular file also size and
+// mtime, to the nanosecond unless both are whole seconds (as files from a
+// tar are): then the content.
+func (e *exporter) sameAsLower(rel string, st *unix.Stat_t, kept map[string]string, li int, lst *unix.Stat_t, upper *os.File) (bool, error) {
 	if lst.Mode != st.Mode || lst.Uid != st.Uid || lst.Gid != st.Gid || lst.Rdev != st.Rdev {
 		return false, nil
 	}
-	if !isDir(st) && (lst.Size != st.Size || lst.Mtim != st.Mtim || st.Mtim.Nsec == 0) {
+	if !isDir(st) && (lst.Size != st.Size || lst.Mtim != st.Mtim) {
 		return false, nil
 	}
+	lowerKept, err := e.lowerXattrs(rel, li, lst)
+	if err != nil || lowerKept == nil || !maps.Equal(kept, lowerKept) {
+		return false, err
+	}
+	if isDir(st) || st.Mtim.Nsec != 0 {
+		return true, nil
+	}
+	return e.sameContent(rel, li, lst, upper)
+}
+
+// lowerXattrs reads the xattrs a layer carries of rel in layer li (stat
+// lst); nil if it is no longer that file.
+func (e *exporter) lowerXattrs(rel string, li int, lst *unix.Stat_t) (map[string]string, error) {
+	parent, base := splitParent(rel)
+	pd, err := e.lowers.openDir(li, parent)
+	if err != nil {
+		return nil, err
+	}
+	defer pd.close()
+	in, err := pd.inode(base)
+	if err != nil {
+		return nil, err
+	}
+	defer in.close()
+	if in.st.Ino != lst.Ino || in.st.Dev != lst.Dev {
+		return nil, nil // replaced meanwhile
+	}
+	names, err := in.listXattrs()
+	if err != nil {
+		return nil, err
+	}
+	return keptXattrs(rel, names, in.getXattr)
+}
+
+// lowerXattrsLost reports whether the lower directory rel of layer li has
+// an xattr the upper one (xattrs kept) lacks.
+func (e *exporter) lowerXattrsLost(rel string, li int, kept map[string]string) (bool, error) {
 	parent, base := splitParent(rel)
 	pd, err := e.lowers.openDir(li, parent)
 	if err != nil {
@@ -476,9 +526,6 @@ func (e *exporter) sameAsLower(rel string, st *unix.Stat_t, kept map[string]stri
 		return false, err
 	}
 	defer in.close()
-	if in.st.Ino != lst.Ino || in.st.Dev != lst.Dev {
-		return false, nil // replaced meanwhile: write the upper file
-	}
 	names, err := in.listXattrs()
 	if err != nil {
 		return false, err
@@ -487,7 +534,46 @@ func (e *exporter) sameAsLower(rel string, st *unix.Stat_t, kept map[string]stri
 	if err != nil {
 		return false, err
 	}
-	return maps.Equal(kept, lowerKept), nil
+	for x := range lowerKept {
+		if _, ok := kept[x]; !ok {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// sameContent compares the upper file with the regular file rel of layer
+// li (stat lst), both of lst.Size bytes, without moving upper's offset.
+func (e *exporter) sameContent(rel string, li int, lst *unix.Stat_t, upper *os.File) (bool, error) {
+	parent, base := splitParent(rel)
+	pd, err := e.lowers.openDir(li, parent)
+	if err != nil {
+		return false, err
+	}
+	defer pd.close()
+	lower, err := pd.openRegular(base)
+	if err != nil {
+		return false, err
+	}
+	defer func() { _ = lower.Close() }()
+	const chunk = 64 << 10
+	a, b := make([]byte, chunk), make([]byte, chunk)
+	for off := int64(0); off < lst.Size; off += chunk {
+		if err := e.ctx.Err(); err != nil {
+			return false, err
+		}
+		n := min(chunk, int(lst.Size-off))
+		if _, err := upper.ReadAt(a[:n], off); err != nil {
+			return false, fmt.Errorf("read %s: %w", rel, err)
+		}
+		if _, err := lower.ReadAt(b[:n], off); err != nil {
+			return false, fmt.Errorf("read lower %s: %w", rel, err)
+		}
+		if !bytes.Equal(a[:n], b[:n]) {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // splitParent splits rel (not the root) into its parent and last name.
