@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -164,9 +165,22 @@ var changes = []change{
 		write(t, filepath.Join(r, "d/.wh.x/kid"), "k")
 		must(t, os.Mkdir(filepath.Join(r, "d/.wh.nothing"), 0o755))
 	},
-	// The walking differ compares fresh mounts, which hide d/x and
-	// show d's new mtime only: it writes d/ and d/.wh.x as we do.
+	// The walking differ compares fresh mounts, which hide d/x: it
+	// writes d/ and d/.wh.x as we do.
 	},
+	{name: "wh-named files", do: func(t *testing.T, r string) {
+		// fuse-overlayfs refuses to create files named like whiteouts ...
+		for _, n := range []string{".wh.top", "d/.wh..wh..opq", "a/.wh..opq"} {
+			if err := os.WriteFile(filepath.Join(r, n), nil, 0o644); !errors.Is(err, unix.EINVAL) {
+				t.Fatalf("create %s through the mount: got %v, want EINVAL", n, err)
+			}
+		}
+		// ... but makes a directory named like the opaque marker, and
+		// shows d opaque from the next mount on.
+		must(t, os.Mkdir(filepath.Join(r, "d/.wh..wh..opq"), 0o755))
+	},
+		onlyOurs:    []string{"d/.wh..wh..opq"},
+		onlyWalking: []string{"d/.wh.e", "d/.wh.w", "d/.wh.x"}},
 }
 
 // TestComparersAppliers: for each change made in a real fuse-overlayfs
@@ -179,7 +193,15 @@ var changes = []change{
 func TestComparersAppliers(t *testing.T) {
 	testutil.RequireFUSE(t)
 	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestComparersAppliers") })
-	pe := newPropEnv(t, false)
+	for _, unpriv := range []bool{false, true} {
+		t.Run(fmt.Sprintf("unprivileged=%v", unpriv), func(t *testing.T) { comparersAppliers(t, unpriv) })
+	}
+}
+
+// comparersAppliers runs the changes with the whiteout forms fuse-overlayfs
+// writes as root (unpriv false) or where mknod and trusted.* are refused.
+func comparersAppliers(t *testing.T, unpriv bool) {
+	pe := newPropEnv(t, unpriv)
 	ovlLowers := pe.overlayLowers(t)
 	for i, c := range changes {
 		t.Run(c.name, func(t *testing.T) {
@@ -225,6 +247,9 @@ func (pe *propEnv) changeTars(t *testing.T, c change) (map[string]string, []byte
 	t.Cleanup(func() { _ = mount.UnmountAll(mnt, 0) }) // after a failed change
 	c.do(t, mnt)
 	must(t, mount.UnmountAll(mnt, 0))
+	if pe.unpriv {
+		toFallbackForms(t, upperOf(t, mounts))
+	}
 	must(t, mount.All(mounts, mnt))
 	want := treeOf(t, mnt, true)
 	must(t, mount.UnmountAll(mnt, 0))
