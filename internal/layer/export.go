@@ -204,8 +204,8 @@ func (e *exporter) dir(d *dirFD, hidden bool) error {
 			// Whatever its type (a container can mkdir `.wh.NAME`):
 			// fuse-overlayfs hides it and NAME; its content never shows.
 			hiddenName = strings.TrimPrefix(n, whPrefix)
-			if present[hiddenName] {
-				continue // re-created: the entry itself replaces the lower one
+			if hiddenName == "" || present[hiddenName] {
+				continue // `.wh.` hides nothing; re-created: the entry itself replaces the lower one
 			}
 		}
 		if hiddenName != "" {

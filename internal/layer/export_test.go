@@ -90,7 +90,7 @@ func TestExportWhiteoutsOnce(t *testing.T) {
 	testutil.RequireRoot(t)
 	lower, upper := t.TempDir(), t.TempDir()
 	mk(t, lower, "x", "d/", "d/y", "d/z")
-	mk(t, upper, "x@", ".wh.x", "d/", "d/y@", "d/.wh.y/", "d/.wh.y/kid", "d/.wh.z/", "d/.wh.z/kid", "d/.wh.none/", "d/.wh.none/kid")
+	mk(t, upper, "x@", ".wh.x", "d/", "d/y@", "d/.wh.y/", "d/.wh.y/kid", "d/.wh.z/", "d/.wh.z/kid", "d/.wh.none/", "d/.wh.none/kid", "d/.wh./", "d/.wh./kid")
 	wantNames(t, exportNames(t, upper, lower), ".wh.x", "d/", "d/.wh.y", "d/.wh.z")
 }
 
