@@ -28,7 +28,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -45,7 +44,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/pelletier/go-toml/v2"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
@@ -359,8 +357,8 @@ func serve(ctx context.Context, o options, cfg fuseoverlayfs.Config) (err error)
 		srv.Stop()
 		<-stopped
 	}
-	// Serve returns nil after (Graceful)Stop; the listener is closed and,
-	// having been created by Listen, its socket file removed.
+	// Serve returns nil after (Graceful)Stop; the listener is closed and
+	// its socket file removed (dirListener.Close).
 	if err := <-served; err != nil {
 		return fmt.Errorf("serve on %s: %w", o.socket, err)
 	}
@@ -385,91 +383,4 @@ func waitForStop(ctx context.Context, served <-chan error, sigs, hups <-chan os.
 			return nil
 		}
 	}
-}
-
-// listen creates the socket with mode 0600 in a directory of mode 0700
-// owned by the server's user, replacing a stale socket left by a server that
-// died, but never one that a live server answers on, nor a file that is not a
-// socket.
-func listen(path string) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create the socket directory: %w", err)
-	}
-	if err := checkSocketDir(dir); err != nil {
-		return nil, err
-	}
-	if err := removeStale(path); err != nil {
-		return nil, err
-	}
-	// The umask makes the socket 0600 from the moment it exists; the
-	// chmod below only guards against an odd umask semantics elsewhere.
-	old := unix.Umask(0o177)
-	l, err := net.Listen("unix", path)
-	unix.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		_ = l.Close()
-		return nil, fmt.Errorf("set the mode of %s: %w", path, err)
-	}
-	return l, nil
-}
-
-// checkSocketDir refuses a socket directory that anyone but the server's
-// user could reach or change: it must be a directory itself (a symbolic link
-// is not followed: whoever can repoint it decides where the socket goes),
-// owned by the effective uid (its owner may change its mode, and replace or
-// connect to the socket), with mode 0700.
-func checkSocketDir(dir string) error {
-	const hint = "put the socket in a directory of its own (it is created with mode 0700), e.g. $XDG_RUNTIME_DIR/containerd-fuse-overlayfs/grpc.sock"
-	st, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("stat the socket directory %s: %w", dir, err)
-	}
-	if st.Mode()&os.ModeSymlink != 0 {
-		target, _ := os.Readlink(dir)
-		return fmt.Errorf("socket directory %s is a symbolic link (to %q), want a directory: give the directory's own path, or %s: %w", dir, target, hint, errdefs.ErrInvalidArgument)
-	}
-	if !st.IsDir() {
-		return fmt.Errorf("socket directory %s is not a directory (mode %v): %w", dir, st.Mode(), errdefs.ErrInvalidArgument)
-	}
-	sys, ok := st.Sys().(*syscall.Stat_t)
-	if !ok {
-		return fmt.Errorf("stat the socket directory %s: no owner in %T", dir, st.Sys())
-	}
-	if euid := os.Geteuid(); sys.Uid != uint32(euid) {
-		return fmt.Errorf("socket directory %s is owned by uid %d, want %d (the server's effective uid) so that no other user can reach or replace the socket: %s: %w", dir, sys.Uid, euid, hint, errdefs.ErrInvalidArgument)
-	}
-	if perm := st.Mode().Perm(); perm != 0o700 {
-		return fmt.Errorf("socket directory %s has mode %04o, want 0700 so that only its owner can reach the socket: %s: %w", dir, perm, hint, errdefs.ErrInvalidArgument)
-	}
-	return nil
-}
-
-func removeStale(path string) error {
-	st, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if st.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("%s exists and is not a socket (mode %v): not removing it: %w", path, st.Mode(), errdefs.ErrAlreadyExists)
-	}
-	c, err := net.DialTimeout("unix", path, 2*time.Second)
-	if err == nil {
-		_ = c.Close()
-		return fmt.Errorf("another server is listening on %s: %w", path, errdefs.ErrAlreadyExists)
-	}
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("cannot tell whether the socket %s is in use: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("remove the stale socket %s: %w", path, err)
-	}
-	log.L.WithField("socket", path).Info("removed a stale socket")
-	return nil
 }

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+)
+
+// mkdirOwned makes dir with exactly mode (umask aside) and owner uid.
+func mkdirOwned(t *testing.T, dir string, mode os.FileMode, uid int) {
+	t.Helper()
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dir, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// symlinkOwned makes a symbolic link owned by uid.
+func symlinkOwned(t *testing.T, target, link string, uid int) {
+	t.Helper()
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// assertListens checks that a client dialling socket reaches l, and that
+// Close removes the socket.
+func assertListens(t *testing.T, l net.Listener, socket string) {
+	t.Helper()
+	c, err := net.Dial("unix", socket)
+	if err != nil {
+		t.Fatalf("dial %s: %v", socket, err)
+	}
+	defer func() { _ = c.Close() }()
+	a, err := l.Accept()
+	if err != nil {
+		t.Fatalf("accept on the listener of %s: %v", socket, err)
+	}
+	_ = a.Close()
+	if l.Addr().String() != socket {
+		t.Errorf("listener address %s, want %s", l.Addr(), socket)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(socket); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket %s left after Close: %v", socket, err)
+	}
+}
+
+// TestSocketAncestors: every directory above the socket directory must be
+// owned by root or the server's user and not writable by group or others
+// unless sticky; a symbolic link on the path is followed only when root or
+// the server's user owns it, and its target is checked the same way. A
+// refusal is a failed precondition naming the ancestor, its owner and
+// mode, and creates nothing below it.
+func TestSocketAncestors(t *testing.T) {
+	testutil.RequireRoot(t)
+	base := shortDir(t)
+	at := func(p ...string) string { return filepath.Join(append([]string{base}, p...)...) }
+
+	mkdirOwned(t, at("theirs-open"), 0o777, otherUID)
+	mkdirOwned(t, at("root-open"), 0o777, 0)
+	mkdirOwned(t, at("group"), 0o770, 0)
+	mkdirOwned(t, at("theirs"), 0o755, otherUID)
+	mkdirOwned(t, at("sticky"), 0o777|os.ModeSticky, 0)
+	mkdirOwned(t, at("sticky", "mine"), 0o755, 0)
+	mkdirOwned(t, at("sticky", "theirs"), 0o755, otherUID)
+	mkdirOwned(t, at("good"), 0o755, 0)
+	symlinkOwned(t, at("root-open"), at("link-to-open"), 0)
+	symlinkOwned(t, "good", at("their-link"), otherUID)
+	symlinkOwned(t, "good", at("root-link"), 0)
+	symlinkOwned(t, at("sticky", "mine"), at("abs-link"), 0)
+
+	for _, tc := range []struct {
+		name, socket, want string
+	}{
+		{"others may write, another owner", at("theirs-open", "run", "s.sock"),
+			fmt.Sprintf("socket path ancestor %s is owned by uid %d (mode 0777)", at("theirs-open"), otherUID)},
+		{"others may write, root's", at("root-open", "run", "s.sock"),
+			fmt.Sprintf("socket path ancestor %s (owner uid 0) has mode 0777", at("root-open"))},
+		{"group may write", at("group", "run", "s.sock"), fmt.Sprintf("socket path ancestor %s (owner uid 0) has mode 0770", at("group"))},
+		{"another owner, not writable", at("theirs", "run", "s.sock"), fmt.Sprintf("socket path ancestor %s is owned by uid %d (mode 0755)", at("theirs"), otherUID)},
+		{"sticky, child of another owner", at("sticky", "theirs", "run", "s.sock"),
+			fmt.Sprintf("socket path ancestor %s is owned by uid %d", at("sticky", "theirs"), otherUID)},
+		{"link into an open directory", at("link-to-open", "run", "s.sock"), fmt.Sprintf("socket path ancestor %s (owner uid 0) has mode 0777", at("root-open"))},
+		{"link of another owner", at("their-link", "run", "s.sock"),
+			fmt.Sprintf("socket path ancestor %s is a symbolic link (to \"good\") owned by uid %d", at("their-link"), otherUID)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, err := listen(tc.socket)
+			if err == nil {
+				_ = l.Close()
+				t.Fatalf("listen on %s succeeded, want %q", tc.socket, tc.want)
+			}
+			if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "$XDG_RUNTIME_DIR") {
+				t.Errorf("error %v, want a failed precondition containing %q and the fix", err, tc.want)
+			}
+			// Not created: neither the socket nor its directory.
+			if _, err := os.Lstat(filepath.Dir(tc.socket)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s created below a refused ancestor: %v", filepath.Dir(tc.socket), err)
+			}
+		})
+	}
+	for _, tc := range []struct{ name, socket, real string }{
+		{"sticky, child of root", at("sticky", "mine", "run", "s.sock"), at("sticky", "mine", "run", "s.sock")},
+		{"relative link of root", at("root-link", "run", "s.sock"), at("good", "run", "s.sock")},
+		{"absolute link of root into a sticky directory", at("abs-link", "run2", "s.sock"), at("sticky", "mine", "run2", "s.sock")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, err := listen(tc.socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st, err := os.Lstat(tc.real); err != nil || st.Mode() != os.ModeSocket|0o600 {
+				t.Errorf("socket %s: %v, %v", tc.real, st, err)
+			}
+			if st, err := os.Lstat(filepath.Dir(tc.real)); err != nil || st.Mode() != os.ModeDir|0o700 {
+				t.Errorf("socket directory %s: %v, %v", filepath.Dir(tc.real), st, err)
+			}
+			assertListens(t, l, tc.socket)
+		})
+	}
+}
+
+// TestSocketUnderVarRun: /var/run is a symbolic link to /run on Debian,
+// owned by root in a root-owned directory: followed, and /run checked.
+func TestSocketUnderVarRun(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir, err := os.MkdirTemp("/run", "fog")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	socket := filepath.Join("/var/run", filepath.Base(dir), "run", "s.sock")
+	if st, err := os.Lstat("/var/run"); err != nil || st.Mode()&os.ModeSymlink == 0 {
+		socket = filepath.Join(dir, "run", "s.sock") // no link on this host: /run itself
+	}
+	l, err := listen(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertListens(t, l, socket)
+}
+
+// TestSocketAncestorRefusedByServer: the server exits 1 with the message.
+func TestSocketAncestorRefusedByServer(t *testing.T) {
+	testutil.RequireFUSE(t)
+	base := shortDir(t)
+	open := filepath.Join(base, "open")
+	mkdirOwned(t, open, 0o777, otherUID)
+	code, out := runCommand(t, nil, filepath.Join(open, "run", "s.sock"), filepath.Join(base, "root"))
+	want := fmt.Sprintf("socket path ancestor %s is owned by uid %d (mode 0777)", open, otherUID)
+	if code != exitFailure || !strings.Contains(out, want) {
+		t.Errorf("exit %d, output %q; want exit %d and %q", code, out, exitFailure, want)
+	}
+}
+
+// TestSocketRenameRace: someone who renames the socket directory away
+// between the checks and bind, or between bind and the server's answer,
+// and binds their own socket at the path, makes listen fail; clients
+// never reach a socket of theirs through a listener the server returned.
+// The swap is made at each step by listen's test hook, so each ordering is
+// taken every run.
+func TestSocketRenameRace(t *testing.T) {
+	for _, step := range []string{"checked", "bound"} {
+		t.Run(step, func(t *testing.T) {
+			base := shortDir(t)
+			dir := filepath.Join(base, "run")
+			socket := filepath.Join(dir, "s.sock")
+			var attacker net.Listener
+			listenHook = func(at string) {
+				if at != step {
+					return
+				}
+				if err := os.Rename(dir, filepath.Join(base, "moved")); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := os.Mkdir(dir, 0o700); err != nil {
+					t.Error(err)
+					return
+				}
+				var err error
+				if attacker, err = net.Listen("unix", socket); err != nil {
+					t.Error(err)
+				}
+			}
+			defer func() { listenHook = nil }()
+			l, err := listen(socket)
+			listenHook = nil
+			if attacker == nil {
+				t.Fatal("the swap did not happen")
+			}
+			defer func() { _ = attacker.Close() }()
+			if err == nil {
+				_ = l.Close()
+				t.Fatal("listen succeeded although the socket path led to another socket")
+			}
+			if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "does not lead to the socket bound in the checked directory") {
+				t.Errorf("error %v, want a failed precondition about the replaced directory", err)
+			}
+			// Ours was removed from the moved directory; theirs untouched.
+			if entries, err := os.ReadDir(filepath.Join(base, "moved")); err != nil || len(entries) != 0 {
+				t.Errorf("moved directory after the refusal: %v, %v", entries, err)
+			}
+			if st, err := os.Lstat(socket); err != nil || st.Mode()&os.ModeSocket == 0 {
+				t.Errorf("the other socket at %s was touched: %v, %v", socket, st, err)
+			}
+		})
+	}
+	t.Run("no swap", func(t *testing.T) {
+		socket := filepath.Join(shortDir(t), "run", "s.sock")
+		l, err := listen(socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		assertListens(t, l, socket)
+	})
+}
