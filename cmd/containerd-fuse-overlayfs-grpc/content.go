@@ -37,8 +37,9 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 	if err := desc.Digest.Validate(); err != nil {
 		return nil, fmt.Errorf("read layer %q: %w: %w", desc.Digest, errdefs.ErrInvalidArgument, err)
 	}
-	p := filepath.Join(c.dir, "blobs", desc.Digest.Algorithm().String(), desc.Digest.Encoded())
-	f, st, err := openBlob(p)
+	rel := filepath.Join("blobs", desc.Digest.Algorithm().String(), desc.Digest.Encoded())
+	p := filepath.Join(c.dir, rel)
+	f, st, err := openBlob(c.dir, rel)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("read layer %s: not in containerd's content store: %s does not exist (the server reads layers from content_dir %s; set it, or --content-dir, to <containerd root>/%s): %w: %w",
 			desc.Digest, p, c.dir, contentSubdir, errdefs.ErrNotFound, err)
@@ -62,16 +63,19 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 // file.
 var errNotRegular = errors.New("not a regular file")
 
-// openBlob opens the regular file at p for reading. O_NONBLOCK keeps a FIFO
-// from blocking the open until a writer comes, O_NOFOLLOW refuses a
-// symlink (ELOOP), and a socket or driverless device fails with ENXIO or
-// ENODEV; fstat on the open descriptor then decides, so nothing is
-// checked by name and used by name. O_NONBLOCK is cleared before the file
-// is read.
-func openBlob(p string) (*os.File, os.FileInfo, error) {
-	fd, err := unix.Open(p, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+// openBlob opens the regular file rel below the content directory dir for
+// reading. No symbolic link is followed below dir (RESOLVE_NO_SYMLINKS, or
+// O_NOFOLLOW on the last component where the kernel has no openat2): a
+// blob is containerd's file, never a link to one elsewhere. O_NONBLOCK
+// keeps a FIFO from blocking the open until a writer comes, and a socket
+// or driverless device fails with ENXIO or ENODEV; fstat on the open
+// descriptor then decides, so nothing is checked by name and used by name.
+// O_NONBLOCK is cleared before the file is read.
+func openBlob(dir, rel string) (*os.File, os.FileInfo, error) {
+	p := filepath.Join(dir, rel)
+	fd, err := openBeneath(dir, rel)
 	if errors.Is(err, unix.ELOOP) {
-		return nil, nil, fmt.Errorf("%w: a symbolic link", errNotRegular)
+		return nil, nil, fmt.Errorf("%w: a symbolic link is on the path below %s", errNotRegular, dir)
 	}
 	// Only a socket or a device without a driver fails its open so.
 	if errors.Is(err, unix.ENXIO) || errors.Is(err, unix.ENODEV) {
@@ -93,6 +97,23 @@ func openBlob(p string) (*os.File, os.FileInfo, error) {
 		return nil, nil, err
 	}
 	return f, st, nil
+}
+
+// openBeneath opens rel below dir without following any symbolic link
+// there; a kernel without openat2 (before 5.6) refuses a link only as the
+// last component.
+func openBeneath(dir, rel string) (int, error) {
+	const flags = unix.O_RDONLY | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	dfd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer func() { _ = unix.Close(dfd) }()
+	fd, err := unix.Openat2(dfd, rel, &unix.OpenHow{Flags: flags, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS})
+	if errors.Is(err, unix.ENOSYS) {
+		return unix.Openat(dfd, rel, flags, 0)
+	}
+	return fd, err
 }
 
 // blobReader is an open blob.
