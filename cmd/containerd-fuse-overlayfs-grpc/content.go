@@ -126,23 +126,34 @@ func (b blobReader) ReadAt(p []byte, off int64) (int, error) { return b.f.ReadAt
 func (b blobReader) Size() int64                             { return b.size }
 func (b blobReader) Close() error                            { return b.f.Close() }
 
-// defaultContentDir is containerd's content store directory for a
-// containerd set up the usual way for the user this server runs as:
-// /var/lib/containerd for root; for a rootless user (not root, or root of a
-// user namespace, as under nerdctl's `containerd-rootless-setuptool.sh
-// nsenter`) $XDG_DATA_HOME/containerd, by default ~/.local/share/containerd,
-// which nerdctl's containerd-rootless.sh binds onto /var/lib/containerd.
+// defaultContentDir is containerd's content store directory below
+// containerdRoot.
 func defaultContentDir(getenv func(string) string, rootless bool) (string, error) {
+	dir, err := containerdRoot(getenv, rootless)
+	if err != nil {
+		return "", fmt.Errorf("choose containerd's content store directory: %w; give --content-dir or content_dir", err)
+	}
+	return filepath.Join(dir, contentSubdir), nil
+}
+
+// containerdRoot is the root directory of a containerd set up the usual
+// way for the user this server runs as: /var/lib/containerd for root; for
+// a rootless user (not root, or root of a user namespace, as under
+// nerdctl's `containerd-rootless-setuptool.sh nsenter`)
+// $XDG_DATA_HOME/containerd, by default ~/.local/share/containerd, which
+// nerdctl's containerd-rootless.sh binds onto /var/lib/containerd. Both the
+// server's content directory and the check command's root derive from it.
+func containerdRoot(getenv func(string) string, rootless bool) (string, error) {
 	if !rootless {
-		return filepath.Join("/var/lib/containerd", contentSubdir), nil
+		return "/var/lib/containerd", nil
 	}
 	if d := getenv("XDG_DATA_HOME"); filepath.IsAbs(d) {
-		return filepath.Join(d, "containerd", contentSubdir), nil
+		return filepath.Join(d, "containerd"), nil
 	}
 	if h := getenv("HOME"); filepath.IsAbs(h) {
-		return filepath.Join(h, ".local", "share", "containerd", contentSubdir), nil
+		return filepath.Join(h, ".local", "share", "containerd"), nil
 	}
-	return "", fmt.Errorf("choose containerd's content store directory: neither XDG_DATA_HOME nor HOME is an absolute path; give --content-dir or content_dir: %w", errdefs.ErrInvalidArgument)
+	return "", fmt.Errorf("neither XDG_DATA_HOME nor HOME is an absolute path: %w", errdefs.ErrInvalidArgument)
 }
 
 // runningRootless tells whether this process is an unprivileged user or

@@ -223,7 +223,7 @@ func TestResolveContentDir(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.o
 			o.socket, o.root = "/s.sock", "/r"
-			cfg, err := resolve(&o)
+			cfg, err := resolve(o)
 			if tc.err != "" {
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want an invalid-argument one containing %q", err, tc.err)
@@ -233,8 +233,8 @@ func TestResolveContentDir(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.contentDir != tc.want || cfg.ContentDir != tc.want {
-				t.Errorf("content dir %q, config %q, want %q", o.contentDir, cfg.ContentDir, tc.want)
+			if cfg.ContentDir != tc.want {
+				t.Errorf("content dir %q, want %q", cfg.ContentDir, tc.want)
 			}
 		})
 	}

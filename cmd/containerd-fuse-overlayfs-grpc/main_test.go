@@ -224,12 +224,13 @@ func TestLoadConfig(t *testing.T) {
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		name, toml string
-		want       fuseoverlayfs.Config
+		want       serverConfig
 		err        string
 	}{
 		{name: "empty", toml: ""},
 		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\ncontent_dir = '/var/lib/containerd/io.containerd.content.v1.content'\n",
-			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+			want: serverConfig{Config: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+		{name: "socket is no key", toml: "socket = '/run/x.sock'\n", err: "unknown key(s) socket"},
 		{name: "relative content dir", toml: "content_dir = 'containerd/io.containerd.content.v1.content'\n", err: "content_dir"},
 		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
 		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
@@ -298,7 +299,7 @@ func TestResolveRoot(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.o
-			cfg, err := resolve(&o)
+			cfg, err := resolve(o)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want one containing %q", err, tc.err)
@@ -311,11 +312,11 @@ func TestResolveRoot(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.root != tc.root || cfg.RootPath != tc.root {
-				t.Errorf("root %q, config root %q, want %q", o.root, cfg.RootPath, tc.root)
+			if cfg.RootPath != tc.root {
+				t.Errorf("root %q, want %q", cfg.RootPath, tc.root)
 			}
-			if !filepath.IsAbs(o.socket) {
-				t.Errorf("socket %q is not absolute", o.socket)
+			if !filepath.IsAbs(cfg.Socket) {
+				t.Errorf("socket %q is not absolute", cfg.Socket)
 			}
 		})
 	}
