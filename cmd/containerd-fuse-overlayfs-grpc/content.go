@@ -41,8 +41,7 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 	p := filepath.Join(c.dir, rel)
 	f, st, err := openBlob(c.dir, rel)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("read layer %s: not in containerd's content store: %s does not exist (the server reads layers from content_dir %s; set it, or --content-dir, to <containerd root>/%s): %w: %w",
-			desc.Digest, p, c.dir, contentSubdir, errdefs.ErrNotFound, err)
+		return nil, c.missing(desc, p, err)
 	}
 	if errors.Is(err, errNotRegular) {
 		return nil, fmt.Errorf("read layer %s: %s: %w (containerd stores a blob as a regular file; remove it and pull the image again): %w", desc.Digest, p, err, errdefs.ErrFailedPrecondition)
@@ -57,6 +56,23 @@ func (c contentDir) ReaderAt(_ context.Context, desc ocispec.Descriptor) (conten
 		return nil, fmt.Errorf("read layer %s: %s has %d bytes, the descriptor says %d: %w", desc.Digest, p, st.Size(), desc.Size, errdefs.ErrFailedPrecondition)
 	}
 	return blobReader{f: f, size: st.Size()}, nil
+}
+
+// missing is the error for a blob that is not at p: it names the digest,
+// the path and the directory looked in, and how to point the server at
+// containerd's store. The cause is the bare system error: the message
+// already names the path.
+func (c contentDir) missing(desc ocispec.Descriptor, p string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	what := p + " does not exist"
+	if _, serr := os.Stat(c.dir); errors.Is(serr, fs.ErrNotExist) {
+		what = "the directory " + c.dir + " does not exist"
+	}
+	return fmt.Errorf("read layer %s: not in containerd's content store: %s (the server reads layers from content_dir %s; set it, or --content-dir, to <containerd root>/%s, e.g. /var/lib/containerd/%s for root's containerd): %w: %w",
+		desc.Digest, what, c.dir, contentSubdir, contentSubdir, errdefs.ErrNotFound, err)
 }
 
 // errNotRegular is the cause of a blob path naming anything but a regular

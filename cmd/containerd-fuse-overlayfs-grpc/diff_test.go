@@ -108,6 +108,12 @@ func TestContentDirReader(t *testing.T) {
 		!strings.Contains(err.Error(), "content_dir "+dir) || !strings.Contains(err.Error(), "--content-dir") {
 		t.Errorf("missing blob: got %v, want not found naming %s, %s, the directory and --content-dir", err, missing.Digest, wantPath)
 	}
+	// The whole directory missing is said so.
+	gone := filepath.Join(dir, "gone")
+	_, err = contentDir{gone}.ReaderAt(ctx, missing)
+	if !errdefs.IsNotFound(err) || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "the directory "+gone+" does not exist") || !strings.Contains(err.Error(), "--content-dir") {
+		t.Errorf("missing content directory: got %v, want not found saying %s does not exist", err, gone)
+	}
 	// Another size than the descriptor's.
 	wrong := desc
 	wrong.Size++
