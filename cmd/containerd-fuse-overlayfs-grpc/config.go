@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -39,7 +40,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.configPath, "config", "", "TOML `file` with root_path, sync_remove and mount_options (the built-in plugin's keys) and content_dir")
+	fs.StringVar(&o.configPath, "config", "", "TOML `file` with the keys "+strings.Join(configKeys(), ", ")+" at its top level")
 	fs.StringVar(&o.contentDir, "content-dir", "", "containerd's content store `directory`, <containerd root>/"+contentSubdir+", where the layers to apply are read (default: the one of a root containerd, or of a rootless one as nerdctl sets it up)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log `level`: trace, debug, info, warn, error, fatal or panic")
 	fs.StringVar(&o.metricsAddr, "metrics-address", "", "serve Prometheus metrics at /v1/metrics on this `address`: 127.0.0.1:PORT, [::1]:PORT, localhost:PORT or unix:/PATH (loopback or a unix socket only); default: not served")
@@ -107,6 +108,31 @@ type serverConfig struct {
 	// Socket and MetricsAddress come from the command line only.
 	Socket         string `toml:"-"`
 	MetricsAddress string `toml:"-"`
+}
+
+// configKeys lists the configuration file's keys, read from serverConfig's
+// TOML tags (embedded structs included, a shadowed key once), so that help
+// and errors never miss one.
+func configKeys() []string {
+	var keys []string
+	seen := map[string]bool{}
+	var walk func(t reflect.Type)
+	walk = func(t reflect.Type) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			if f.Anonymous && f.Type.Kind() == reflect.Struct {
+				walk(f.Type)
+				continue
+			}
+			key, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+			if key != "" && key != "-" && !seen[key] {
+				seen[key] = true
+				keys = append(keys, key)
+			}
+		}
+	}
+	walk(reflect.TypeFor[serverConfig]())
+	return keys
 }
 
 // resolve reads the configuration file and settles the root, the socket
@@ -195,7 +221,7 @@ func loadConfig(path string) (serverConfig, error) {
 			for _, e := range strict.Errors {
 				keys = append(keys, strings.Join(e.Key(), "."))
 			}
-			err = fmt.Errorf("unknown key(s) %s (known: root_path, sync_remove, mount_options, content_dir): %w", strings.Join(keys, ", "), strict)
+			err = fmt.Errorf("unknown key(s) %s (known: %s): %w", strings.Join(keys, ", "), strings.Join(configKeys(), ", "), strict)
 		case errors.As(err, &decErr):
 			row, col := decErr.Position()
 			key := strings.Join(decErr.Key(), ".")

@@ -232,7 +232,7 @@ func TestLoadConfig(t *testing.T) {
 			want: serverConfig{Config: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
 		{name: "socket is no key", toml: "socket = '/run/x.sock'\n", err: "unknown key(s) socket"},
 		{name: "relative content dir", toml: "content_dir = 'containerd/io.containerd.content.v1.content'\n", err: "content_dir"},
-		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
+		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal (known: root_path, sync_remove, mount_options, content_dir)"},
 		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
 		{name: "wrong type", toml: "sync_remove = 'yes'\n", err: "key sync_remove"},
 		{name: "list wanted", toml: "mount_options = 'noacl'\n", err: "key mount_options"},
