@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -437,4 +438,114 @@ func TestSocketRenameRace(t *testing.T) {
 		}
 		assertListens(t, l, socket)
 	})
+}
+
+// TestSocketConcurrentAttacker: another user, on a thread of its own,
+// keeps trying to rename the socket directory away and put its own
+// directory and socket in its place while the server listens again and
+// again. Under a sticky directory the kernel refuses every rename (the
+// socket directory is not theirs) and every listen dials the server's own
+// socket; under a directory others may write without the sticky bit every
+// listen is refused, whatever the attacker manages.
+func TestSocketConcurrentAttacker(t *testing.T) {
+	testutil.RequireRoot(t)
+	const rounds = 100
+	for _, tc := range []struct {
+		name   string
+		mode   os.FileMode
+		refuse bool
+	}{
+		{"sticky", 0o777 | os.ModeSticky, false},
+		{"not sticky", 0o777, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := shortDir(t)
+			if err := os.Chmod(base, 0o755); err != nil { // the attacker must reach pub
+				t.Fatal(err)
+			}
+			pub := filepath.Join(base, "pub")
+			mkdirOwned(t, pub, tc.mode, 0)
+			dir := filepath.Join(pub, "run")
+			mkdirOwned(t, dir, 0o700, 0)
+			socket := filepath.Join(dir, "s.sock")
+
+			stop := make(chan struct{})
+			var attempts, renamed int
+			var theirs []net.Listener
+			attacked := make(chan error, 1)
+			go func() {
+				attacked <- asUser(otherUID, func() {
+					for n := 0; ; n++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						attempts++
+						if os.Rename(dir, filepath.Join(pub, fmt.Sprint("moved", n))) != nil {
+							continue
+						}
+						renamed++
+						if os.Mkdir(dir, 0o700) == nil {
+							if l, err := net.Listen("unix", socket); err == nil {
+								theirs = append(theirs, l)
+							}
+						}
+					}
+				})
+			}()
+			succeeded := 0
+			for range rounds {
+				l, err := listen(socket)
+				if err != nil {
+					if !tc.refuse {
+						t.Errorf("listen under a sticky directory: %v", err)
+					}
+					continue
+				}
+				if tc.refuse {
+					t.Errorf("listen under %s (mode %v) succeeded", pub, tc.mode)
+				}
+				succeeded++
+				assertDialsOurs(t, l, socket)
+			}
+			close(stop)
+			if err := <-attacked; err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range theirs {
+				_ = l.Close()
+			}
+			t.Logf("%d listens succeeded; the attacker tried %d renames, %d succeeded, bound %d sockets", succeeded, attempts, renamed, len(theirs))
+			if attempts == 0 {
+				t.Error("the attacker never ran")
+			}
+			if !tc.refuse && (renamed != 0 || succeeded != rounds) {
+				t.Errorf("under a sticky directory: %d renames by another user succeeded, %d of %d listens; want 0 and all", renamed, succeeded, rounds)
+			}
+		})
+	}
+}
+
+// assertDialsOurs checks that a client dialling socket reaches l (an
+// accept deadline turns a connection that went elsewhere into a failure
+// instead of a hang), then closes l.
+func assertDialsOurs(t *testing.T, l net.Listener, socket string) {
+	t.Helper()
+	defer func() { _ = l.Close() }()
+	c, err := net.Dial("unix", socket)
+	if err != nil {
+		t.Errorf("dial %s: %v", socket, err)
+		return
+	}
+	defer func() { _ = c.Close() }()
+	if err := l.(*dirListener).SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	a, err := l.Accept()
+	if err != nil {
+		t.Errorf("the server's listener got no connection from a client of %s: %v", socket, err)
+		return
+	}
+	_ = a.Close()
 }
