@@ -20,6 +20,11 @@
 // configuration file takes the keys of the built-in plugin's section
 // (root_path, sync_remove, mount_options) at its top level, and content_dir:
 // containerd's content store directory, from which the layers are read.
+//
+// The socket's directory is created with mode 0700 if missing and must
+// belong to the server's user with that mode; every directory above it must
+// belong to root or that user and not be writable by group or others unless
+// sticky (as /tmp), so that nobody else can put another socket at the path.
 package main
 
 import (
