@@ -47,11 +47,6 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	if err := config.Validate(); err != nil {
 		return nil, fmt.Errorf("fuse-overlayfs snapshotter: invalid configuration: %w", err)
 	}
-	if config.ContentDir != "" {
-		// Shared with the gRPC server, which has no other way to the
-		// layers; in containerd the differ has the content store.
-		log.G(ic.Context).WithField("content_dir", config.ContentDir).Warn("fuse-overlayfs snapshotter: content_dir is used by containerd-fuse-overlayfs-grpc only; the plugin ignores it")
-	}
 	root := ic.Properties[plugins.PropertyRootDir]
 	if config.RootPath != "" {
 		root = config.RootPath
