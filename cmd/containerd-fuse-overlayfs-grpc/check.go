@@ -12,7 +12,7 @@ import (
 	"github.com/fosnap/fuseoverlayfs/hostcheck"
 )
 
-// checkReport is what `check --json` prints. Its fields are stable (README,
+// checkReport is what `check --json` prints. Its fields are stable (docs/operating.md,
 // "Is this host ready?"): new fields may be added, none renamed or removed.
 type checkReport struct {
 	// FormatVersion is 1; it changes only if a field changes meaning.
