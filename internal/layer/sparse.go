@@ -97,9 +97,8 @@ func (t *tarTap) readRaw(p []byte) (int, error) {
 type entryReader struct {
 	tap  *tarTap
 	tr   *tar.Reader
-	cur  io.Reader
-	buf  []byte
-	skip []byte
+	cur  io.Reader // the current entry's content
+	skip []byte    // a buffer for sparse data nobody wrote
 }
 
 func newEntryReader(r io.Reader) *entryReader {
