@@ -23,8 +23,10 @@ import (
 // a 7 KB tar declaring 1 TiB costs 1 TiB of zeros made and compared. So
 // the layer's tar goes through a tap: the tar reader parses every header
 // as usual, the tap keeps the bytes it read for them, and for a sparse
-// entry the map and the size of the data are read from those bytes (and
-// checked against what the reader decoded). The data regions are then
+// entry the map and the size of the data are read from those bytes, which
+// must be whole blocks ending with the entry's own header (and for 1.0 the
+// exact blocks of the map): were a later Go to read ahead, the entry would
+// be refused, never misread. The data regions are then
 // read raw from the stream and written where the map puts them; the holes
 // cost nothing (the file gets its size from ftruncate). The tar reader,
 // when it moves on, skips the data it thinks is unread: the tap hands it
@@ -199,6 +201,9 @@ func (er *entryReader) sparseEntry(hdr *tar.Header, form int) (*sparseData, erro
 	h, err := entryHeaderAt(blocks)
 	if err != nil {
 		return nil, err
+	}
+	if typ := blocks[h+156]; typ != hdr.Typeflag && (typ != tar.TypeRegA || hdr.Typeflag != tar.TypeReg) { //nolint:staticcheck // the reader turns old '\x00' entries into TypeReg
+		return nil, fmt.Errorf("the header bytes read end with a %q entry, the tar reader gave %q: %w", typ, hdr.Typeflag, errdefs.ErrInvalidArgument)
 	}
 	physical, err := physicalSize(hdr, blocks[h:h+blockSize])
 	if err != nil {
