@@ -64,6 +64,7 @@ const maxLinkMemos = 32
 type linkMemo struct {
 	name, rdir, base string
 	st               unix.Stat_t // the target inode as it is now
+	noCaps           bool        // the target inode is known to have no security.capability
 }
 
 var inUserNS = userns.RunningInUserNS
@@ -356,24 +357,54 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 }
 
 // linkMeta gives the (shared) inode the link entry's metadata, as
-// containerd's extraction does; nothing to do when it has it already (the
-// usual case: every name of a file carries the same header).
+// containerd's extraction does. Nothing to do when it has it already (the
+// usual case: every name of a file carries the same header), unless it has
+// a file capability: containerd's lchown of the link makes the kernel drop
+// it, and so does ours.
 func (w *writer) linkMeta(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
 	ts := entryTimes(hdr)
+	m := w.linkMemos[hdr.Linkname]
 	if st.Uid == uint32(hdr.Uid) && st.Gid == uint32(hdr.Gid) && st.Mode&0o7777 == uint32(hdr.Mode&0o7777) &&
 		st.Mtim == ts[1] && st.Atim == ts[0] && !hasXattrs(hdr) {
-		return nil
+		if done, err := w.linkHasNoCaps(parent, base, m); done || err != nil {
+			return err
+		}
 	}
-	if err := w.setMetaOf(parent, base, st, hdr); err != nil {
+	if err := w.setMeta(parent, base, hdr); err != nil {
 		return err
 	}
-	if m := w.linkMemos[hdr.Linkname]; m != nil {
+	if m != nil {
 		m.st.Uid, m.st.Gid = uint32(hdr.Uid), uint32(hdr.Gid)
 		m.st.Mode = m.st.Mode&^0o7777 | uint32(hdr.Mode&0o7777)
 		m.st.Atim, m.st.Mtim = ts[0], ts[1]
+		m.noCaps = !hasXattrs(hdr)
 	}
 	return nil
 }
+
+// linkHasNoCaps tells (done) that the inode of the link base has no file
+// capability, looking once per remembered target.
+func (w *writer) linkHasNoCaps(parent *dirFD, base string, m *linkMemo) (bool, error) {
+	if m != nil && m.noCaps {
+		return true, nil
+	}
+	in, err := parent.inode(base)
+	if err != nil {
+		return false, err
+	}
+	defer in.close()
+	caps, err := in.hasXattr(xattrCapability)
+	if err != nil || caps {
+		return false, err
+	}
+	if m != nil {
+		m.noCaps = true
+	}
+	return true, nil
+}
+
+// xattrCapability holds a file's capabilities (capabilities(7)).
+const xattrCapability = "security.capability"
 
 // fastLink makes a hard link entry whose name is free without looking at
 // the name first (one syscall for the common case); done is false when the
