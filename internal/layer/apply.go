@@ -8,6 +8,7 @@ import (
 	"io"
 	"path"
 	"strings"
+	"sync/atomic"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -165,6 +166,9 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	if strings.IndexByte(hdr.Name, 0) >= 0 || strings.IndexByte(hdr.Linkname, 0) >= 0 {
 		return fmt.Errorf("name contains a NUL byte: %w", errdefs.ErrInvalidArgument)
 	}
+	if err := refuseEntry(hdr); err != nil {
+		return err
+	}
 	if (hdr.Typeflag == tar.TypeChar || hdr.Typeflag == tar.TypeBlock) && inUserNS() {
 		// As containerd does: devices cannot be made in a user namespace.
 		log.G(w.ctx).WithField("name", hdr.Name).Debug("skipping device node in a user namespace")
@@ -207,6 +211,27 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	w.rec.wrote(target)
 	w.changed(target)
 	return w.create(parent, base, hdr, r, replacedWhiteout)
+}
+
+// refuseEntry refuses, before anything in the layer changes, the entries
+// containerd's extraction (pkg/archive/tar.go, v2.4.2) cannot apply:
+// contiguous files, which its createTarFile does not handle, and hard links
+// to a whiteout or opaque marker name, which it never creates as a file
+// (ours would copy a lower marker). Entries named .wh.* are whiteouts
+// whatever their type, there as here.
+func refuseEntry(hdr *tar.Header) error {
+	if _, base := splitDir(cleanRel(hdr.Name)); strings.HasPrefix(base, whPrefix) {
+		return nil
+	}
+	switch hdr.Typeflag {
+	case tar.TypeCont:
+		return fmt.Errorf("contiguous file (tar type '7') is not a layer entry type: %w", errdefs.ErrInvalidArgument)
+	case tar.TypeLink:
+		if _, tbase := splitDir(cleanRel(hdr.Linkname)); strings.HasPrefix(tbase, whPrefix) {
+			return fmt.Errorf("hard link to whiteout name %q: a whiteout is no file: %w", hdr.Linkname, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
 }
 
 // clearName makes room for a new entry base in parent: it removes what is
@@ -285,7 +310,7 @@ func (w *writer) create(parent *dirFD, base string, hdr *tar.Header, r io.Reader
 			}
 		}
 		return w.setMeta(parent, base, hdr)
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont: //nolint:staticcheck // old tars still carry TypeRegA
+	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse: //nolint:staticcheck // old tars still carry TypeRegA
 		return w.writeFile(parent, base, hdr, r)
 	case tar.TypeSymlink:
 		if err := parent.symlink(hdr.Linkname, base); err != nil {
@@ -388,6 +413,7 @@ func (w *writer) linkHasNoCaps(parent *dirFD, base string, m *linkMemo) (bool, e
 	if m != nil && m.noCaps {
 		return true, nil
 	}
+	capLookups.Add(1)
 	in, err := parent.inode(base)
 	if err != nil {
 		return false, err
@@ -402,6 +428,9 @@ func (w *writer) linkHasNoCaps(parent *dirFD, base string, m *linkMemo) (bool, e
 	}
 	return true, nil
 }
+
+// capLookups counts linkHasNoCaps' lookups, for tests.
+var capLookups atomic.Int64
 
 // xattrCapability holds a file's capabilities (capabilities(7)).
 const xattrCapability = "security.capability"
