@@ -258,16 +258,16 @@ func setTimesBelow(d *dirFD, n *node) error {
 		if k.times == nil {
 			continue
 		}
-		if err := setDirTimes(d, name, *k.times); err != nil {
+		if err := setTimesOfDir(d, name, *k.times); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// setDirTimes sets the times of name in d through a handle, if it is still
+// setTimesOfDir sets the times of name in d through a handle, if it is still
 // a directory.
-func setDirTimes(d *dirFD, name string, ts [2]unix.Timespec) error {
+func setTimesOfDir(d *dirFD, name string, ts [2]unix.Timespec) error {
 	in, err := d.inode(name)
 	if errors.Is(err, unix.ENOENT) {
 		return nil

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -282,4 +283,64 @@ func TestRefusedEntryTypes(t *testing.T) {
 			t.Errorf("containerd's extraction refused it: %v", err)
 		}
 	})
+}
+
+// TestKernelChownRules checks the kernel rules linkMeta relies on: chown
+// of a non-directory, even to its own owner, clears security.capability
+// and S_ISUID, and S_ISGID when group-executable; chmod clears nothing;
+// a directory keeps all.
+func TestKernelChownRules(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	cases := []struct {
+		name     string
+		mode     uint32
+		wantMode uint32
+	}{
+		{"f755", 0o755, 0o755}, {"f4755", 0o4755, 0o755}, {"f2755", 0o2755, 0o755},
+		{"f2745", 0o2745, 0o2745}, {"f6711", 0o6711, 0o711}, {"f4644", 0o4644, 0o644},
+	}
+	for _, c := range cases {
+		p := filepath.Join(dir, c.name)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		mustNil(t, unix.Lsetxattr(p, xattrCapability, []byte(capNetBind), 0))
+		mustNil(t, unix.Chmod(p, c.mode))
+		if !hasCapAt(t, p) {
+			t.Fatalf("%s: chmod cleared the capability", c.name)
+		}
+		mustNil(t, unix.Lchown(p, 0, 0))
+		var st unix.Stat_t
+		mustNil(t, unix.Lstat(p, &st))
+		if st.Mode&0o7777 != c.wantMode || hasCapAt(t, p) {
+			t.Errorf("%s after chown: mode %o capability %v, want mode %o and none", c.name, st.Mode&0o7777, hasCapAt(t, p), c.wantMode)
+		}
+	}
+	d := filepath.Join(dir, "d")
+	mustNil(t, os.Mkdir(d, 0o755))
+	mustNil(t, unix.Chmod(d, 0o6755))
+	mustNil(t, unix.Lsetxattr(d, xattrCapability, []byte(capNetBind), 0))
+	mustNil(t, unix.Lchown(d, 0, 0))
+	var st unix.Stat_t
+	mustNil(t, unix.Lstat(d, &st))
+	if st.Mode&0o7777 != 0o6755 || !hasCapAt(t, d) {
+		t.Errorf("directory after chown: mode %o capability %v, want both kept", st.Mode&0o7777, hasCapAt(t, d))
+	}
+}
+
+func hasCapAt(t *testing.T, p string) bool {
+	t.Helper()
+	_, err := unix.Lgetxattr(p, xattrCapability, nil)
+	if err != nil && !errors.Is(err, unix.ENODATA) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+func mustNil(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
 }
