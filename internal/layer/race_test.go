@@ -98,12 +98,15 @@ func TestMetadataRace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	forceMetaCalls(t, metaCalls.Load())
 	var swaps, failed int64
 	for round := range rounds {
 		detached := round%2 == 1
 		if round >= 2 {
 			forms = h.forms["privileged"] // device whiteouts: the fast link path too
 		}
+		// Both forms of metadata calls, each with both modes and forms.
+		metaCalls.Store(metaForms[((round+1)>>1)&1].calls)
 		if err := resetLayer(s, 1); err != nil {
 			t.Fatal(err)
 		}
