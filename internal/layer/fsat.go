@@ -507,14 +507,19 @@ func emptyPathCalls() bool {
 	return c == callsEmptyPath
 }
 
-// probeMetaCalls asks for fchmodat2 on no file: EBADF means the call
-// exists; ENOSYS (or EPERM from a seccomp filter that predates it) that it
-// does not.
+// probeMetaCalls asks for fchmodat2 and utimensat with AT_EMPTY_PATH on no
+// file: EBADF means the kernel takes the call; ENOSYS, EINVAL (or EPERM
+// from a seccomp filter that predates fchmodat2) that it does not.
 func probeMetaCalls() int32 {
 	empty := []byte{0}
 	_, _, e := unix.Syscall6(unix.SYS_FCHMODAT2, ^uintptr(0), uintptr(unsafe.Pointer(&empty[0])), 0, unix.AT_EMPTY_PATH, 0, 0)
-	if e == unix.EBADF {
-		return callsEmptyPath
+	if e != unix.EBADF {
+		return callsProc
 	}
-	return callsProc
+	var ts [2]unix.Timespec
+	_, _, e = unix.Syscall6(unix.SYS_UTIMENSAT, ^uintptr(0), uintptr(unsafe.Pointer(&empty[0])), uintptr(unsafe.Pointer(&ts[0])), unix.AT_EMPTY_PATH, 0, 0)
+	if e != unix.EBADF {
+		return callsProc
+	}
+	return callsEmptyPath
 }
