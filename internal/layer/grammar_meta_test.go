@@ -7,8 +7,9 @@ import (
 
 // Grammar additions for metadata: file capabilities on files and hard
 // links (containerd's lchown of a link entry drops them, TestHardLink-
-// DropsCapability), and device numbers of every bit width, 0 to 32 for
-// major and minor (mknod stores 12 and 20 bits: the rest is refused).
+// DropsCapability), device numbers of every bit width, 0 to 32 for major
+// and minor (mknod stores 12 and 20 bits: the rest is refused), and hard
+// links to whiteout names.
 
 // kDevWide is a character or block device with numbers of any width.
 const kDevWide = kOpaque + 1
@@ -27,6 +28,9 @@ func init() {
 	gKinds = append(gKinds, kDevWide, kDevWide)
 	gProds = append(gProds, pCapLink)
 	gXattrs = append(gXattrs, gCapXattrs...)
+	// Hard links to whiteout and opaque marker names (refused, as
+	// containerd's extraction, which finds no such file, refuses them).
+	gLinkTargets = append(gLinkTargets, ".wh.a", "b/.wh.c", "a/.wh..wh..opq")
 }
 
 // maxUSTARDev is the largest device number a USTAR or PAX header holds;
