@@ -8,6 +8,7 @@ import (
 	"io"
 	"path"
 	"strings"
+	"sync/atomic"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -63,6 +64,7 @@ const maxLinkMemos = 32
 type linkMemo struct {
 	name, rdir, base string
 	st               unix.Stat_t // the target inode as it is now
+	noCaps           bool        // the target inode is known to have no security.capability
 }
 
 var inUserNS = userns.RunningInUserNS
@@ -163,6 +165,9 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	if strings.IndexByte(hdr.Name, 0) >= 0 || strings.IndexByte(hdr.Linkname, 0) >= 0 {
 		return fmt.Errorf("name contains a NUL byte: %w", errdefs.ErrInvalidArgument)
 	}
+	if err := refuseEntry(hdr); err != nil {
+		return err
+	}
 	if (hdr.Typeflag == tar.TypeChar || hdr.Typeflag == tar.TypeBlock) && inUserNS() {
 		// As containerd does: devices cannot be made in a user namespace.
 		log.G(w.ctx).WithField("name", hdr.Name).Debug("skipping device node in a user namespace")
@@ -205,6 +210,27 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 	w.rec.wrote(target)
 	w.changed(target)
 	return w.create(parent, base, hdr, r, replacedWhiteout)
+}
+
+// refuseEntry refuses, before anything in the layer changes, the entries
+// containerd's extraction (pkg/archive/tar.go, v2.4.2) cannot apply:
+// contiguous files, which its createTarFile does not handle, and hard links
+// to a whiteout or opaque marker name, which it never creates as a file
+// (ours would copy a lower marker). Entries named .wh.* are whiteouts
+// whatever their type, there as here.
+func refuseEntry(hdr *tar.Header) error {
+	if _, base := splitDir(cleanRel(hdr.Name)); strings.HasPrefix(base, whPrefix) {
+		return nil
+	}
+	switch hdr.Typeflag {
+	case tar.TypeCont:
+		return fmt.Errorf("contiguous file (tar type '7') is not a layer entry type: %w", errdefs.ErrInvalidArgument)
+	case tar.TypeLink:
+		if _, tbase := splitDir(cleanRel(hdr.Linkname)); strings.HasPrefix(tbase, whPrefix) {
+			return fmt.Errorf("hard link to whiteout name %q: a whiteout is no file: %w", hdr.Linkname, errdefs.ErrInvalidArgument)
+		}
+	}
+	return nil
 }
 
 // clearName makes room for a new entry base in parent: it removes what is
@@ -283,7 +309,7 @@ func (w *writer) create(parent *dirFD, base string, hdr *tar.Header, r io.Reader
 			}
 		}
 		return w.setMeta(parent, base, hdr)
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse, tar.TypeCont: //nolint:staticcheck // old tars still carry TypeRegA
+	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse: //nolint:staticcheck // old tars still carry TypeRegA
 		return w.writeFile(parent, base, hdr, r)
 	case tar.TypeSymlink:
 		if err := parent.symlink(hdr.Linkname, base); err != nil {
@@ -355,24 +381,58 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 }
 
 // linkMeta gives the (shared) inode the link entry's metadata, as
-// containerd's extraction does; nothing to do when it has it already (the
-// usual case: every name of a file carries the same header).
+// containerd's extraction does. Nothing to do when it has it already (the
+// usual case: every name of a file carries the same header), unless it has
+// a file capability: containerd's lchown of the link makes the kernel drop
+// it, and so does ours.
 func (w *writer) linkMeta(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
 	ts := entryTimes(hdr)
+	m := w.linkMemos[hdr.Linkname]
 	if st.Uid == uint32(hdr.Uid) && st.Gid == uint32(hdr.Gid) && st.Mode&0o7777 == uint32(hdr.Mode&0o7777) &&
 		st.Mtim == ts[1] && st.Atim == ts[0] && !hasXattrs(hdr) {
-		return nil
+		if done, err := w.linkHasNoCaps(parent, base, m); done || err != nil {
+			return err
+		}
 	}
-	if err := w.setMetaOf(parent, base, st, hdr); err != nil {
+	if err := w.setMeta(parent, base, hdr); err != nil {
 		return err
 	}
-	if m := w.linkMemos[hdr.Linkname]; m != nil {
+	if m != nil {
 		m.st.Uid, m.st.Gid = uint32(hdr.Uid), uint32(hdr.Gid)
 		m.st.Mode = m.st.Mode&^0o7777 | uint32(hdr.Mode&0o7777)
 		m.st.Atim, m.st.Mtim = ts[0], ts[1]
+		m.noCaps = !hasXattrs(hdr)
 	}
 	return nil
 }
+
+// linkHasNoCaps tells (done) that the inode of the link base has no file
+// capability, looking once per remembered target.
+func (w *writer) linkHasNoCaps(parent *dirFD, base string, m *linkMemo) (bool, error) {
+	if m != nil && m.noCaps {
+		return true, nil
+	}
+	capLookups.Add(1)
+	in, err := parent.inode(base)
+	if err != nil {
+		return false, err
+	}
+	defer in.close()
+	caps, err := in.hasXattr(xattrCapability)
+	if err != nil || caps {
+		return false, err
+	}
+	if m != nil {
+		m.noCaps = true
+	}
+	return true, nil
+}
+
+// capLookups counts linkHasNoCaps' lookups, for tests.
+var capLookups atomic.Int64
+
+// xattrCapability holds a file's capabilities (capabilities(7)).
+const xattrCapability = "security.capability"
 
 // fastLink makes a hard link entry whose name is free without looking at
 // the name first (one syscall for the common case); done is false when the

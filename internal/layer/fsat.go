@@ -6,6 +6,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"unsafe"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
@@ -265,29 +267,6 @@ func (d *dirFD) lchown(name string, uid, gid int) error {
 	return nil
 }
 
-// chmod sets the mode of name, which the caller has seen is no symlink
-// (fchmodat follows one; only this package writes in the layer while it
-// applies, so nothing can swap it in between).
-func (d *dirFD) chmod(name string, mode uint32) error {
-	if err := checkName(name); err != nil {
-		return err
-	}
-	if err := unix.Fchmodat(d.fd, name, mode, 0); err != nil {
-		return d.err("chmod", name, err)
-	}
-	return nil
-}
-
-func (d *dirFD) setTimes(name string, ts [2]unix.Timespec) error {
-	if err := checkName(name); err != nil {
-		return err
-	}
-	if err := unix.UtimesNanoAt(d.fd, name, ts[:], unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return d.err("utimes", name, err)
-	}
-	return nil
-}
-
 // inode opens name itself (a symlink is not followed) as an O_PATH handle.
 func (d *dirFD) inode(name string) (*inodeFD, error) {
 	if err := checkName(name); err != nil {
@@ -337,21 +316,49 @@ func (in *inodeFD) chown(uid, gid int) error {
 }
 
 // chmod sets the permission bits; a symlink has none and is left alone.
+// Neither form follows anything: fchmodat2 acts on the handle itself, and
+// the /proc magic link leads to the handle's inode (chmod of it neither
+// opens a device nor blocks on a FIFO, as an open for fchmod would).
 func (in *inodeFD) chmod(mode uint32) error {
 	if in.isSymlink() {
 		return nil
 	}
-	if err := unix.Chmod(in.proc(), mode); err != nil {
+	var err error
+	if emptyPathCalls() {
+		err = unix.Fchmodat(in.fd, "", mode, unix.AT_EMPTY_PATH)
+	} else {
+		err = unix.Chmod(in.proc(), mode)
+	}
+	if err != nil {
 		return in.err("chmod", err)
 	}
 	return nil
 }
 
 func (in *inodeFD) setTimes(ts [2]unix.Timespec) error {
-	if err := unix.UtimesNanoAt(unix.AT_FDCWD, in.proc(), ts[:], 0); err != nil {
+	var err error
+	if emptyPathCalls() {
+		err = unix.UtimesNanoAt(in.fd, "", ts[:], unix.AT_EMPTY_PATH)
+	} else {
+		err = unix.UtimesNanoAt(unix.AT_FDCWD, in.proc(), ts[:], 0)
+	}
+	if err != nil {
 		return in.err("utimes", err)
 	}
 	return nil
+}
+
+// hasXattr tells whether the inode has the xattr name.
+func (in *inodeFD) hasXattr(name string) (bool, error) {
+	_, err := unix.Getxattr(in.proc(), name, nil)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENODATA) || errors.Is(err, unix.ENOTSUP):
+		return false, nil
+	default:
+		return false, in.err("getxattr "+name, err)
+	}
 }
 
 func (in *inodeFD) setXattr(name string, v []byte) error {
@@ -465,4 +472,54 @@ func (d *dirFD) fstat() (unix.Stat_t, error) {
 		return st, &os.PathError{Op: "fstat", Path: d.rel, Err: err}
 	}
 	return st, nil
+}
+
+// futimens sets the times of an open file (utimensat with a NULL path,
+// which every kernel takes; the x/sys wrapper passes "" instead).
+func futimens(fd int, ts [2]unix.Timespec) error {
+	_, _, e := unix.Syscall6(unix.SYS_UTIMENSAT, uintptr(fd), 0, uintptr(unsafe.Pointer(&ts[0])), 0, 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// Metadata calls on O_PATH handles: where the kernel has fchmodat2 (Linux
+// 6.6), chmod and utimensat act on the handle with AT_EMPTY_PATH; older
+// kernels (4.18 and up) go through the handle's /proc/self/fd magic link.
+// Owners (fchownat with AT_EMPTY_PATH) and xattrs (the magic link) have one
+// form on every kernel.
+const (
+	callsProbe int32 = iota
+	callsEmptyPath
+	callsProc
+)
+
+// metaCalls is the form in use: probed on first use; tests force either.
+var metaCalls atomic.Int32
+
+func emptyPathCalls() bool {
+	c := metaCalls.Load()
+	if c == callsProbe {
+		c = probeMetaCalls()
+		metaCalls.CompareAndSwap(callsProbe, c)
+	}
+	return c == callsEmptyPath
+}
+
+// probeMetaCalls asks for fchmodat2 and utimensat with AT_EMPTY_PATH on no
+// file: EBADF means the kernel takes the call; ENOSYS, EINVAL (or EPERM
+// from a seccomp filter that predates fchmodat2) that it does not.
+func probeMetaCalls() int32 {
+	empty := []byte{0}
+	_, _, e := unix.Syscall6(unix.SYS_FCHMODAT2, ^uintptr(0), uintptr(unsafe.Pointer(&empty[0])), 0, unix.AT_EMPTY_PATH, 0, 0)
+	if e != unix.EBADF {
+		return callsProc
+	}
+	var ts [2]unix.Timespec
+	_, _, e = unix.Syscall6(unix.SYS_UTIMENSAT, ^uintptr(0), uintptr(unsafe.Pointer(&empty[0])), uintptr(unsafe.Pointer(&ts[0])), unix.AT_EMPTY_PATH, 0, 0)
+	if e != unix.EBADF {
+		return callsProc
+	}
+	return callsEmptyPath
 }

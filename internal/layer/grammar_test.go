@@ -441,6 +441,8 @@ func (g *generator) makeEnt(kind int, p, prefix string, slash bool, sym, link, b
 		e = ent{name: name, typ: tar.TypeChar, mode: mode}
 	case kBlk:
 		e = ent{name: name, typ: tar.TypeBlock, mode: mode}.withDev(7, 0)
+	case kDevWide:
+		e = g.wideDev(name, mode, len(xattrs) > 0)
 	case kWhiteout:
 		e = file(prefix+tJoin(p, tWh+base), "")
 	case kOpaque:
@@ -582,6 +584,8 @@ func (g *generator) production() []ent {
 		g.model(out[0])
 		g.model(out[1])
 		return append(out, g.literal(a))
+	case pCapLink:
+		return g.capLinks()
 	case pSwap:
 		// l -> x, l/f1, l replaced by another symlink (or a directory),
 		// l/f2: the second entry must follow the new l.
@@ -1025,6 +1029,9 @@ func (m *extractModel) apply(e ent) bool {
 		}
 		m.removeUnder(tJoin(pd, name))
 		return m.dirTimesOK()
+	}
+	if !devFits(e) {
+		return false // ours refuses what mknod cannot store; containerd truncates it
 	}
 	target := tJoin(pd, base)
 	if n, ok := m.nodes[target]; ok && (n.kind != 'd' || e.typ != tar.TypeDir) {

@@ -36,13 +36,15 @@ func (w *writer) writeFile(parent *dirFD, base string, hdr *tar.Header, r io.Rea
 			return unix.Fsetxattr(fd, name, v, 0)
 		})
 	}
+	if err == nil {
+		if err = futimens(fd, entryTimes(hdr)); err != nil {
+			err = &os.PathError{Op: "utimes", Path: f.Name(), Err: err}
+		}
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
-	if err != nil {
-		return err
-	}
-	return parent.setTimes(base, entryTimes(hdr))
+	return err
 }
 
 // writeContent copies the entry's content into f. The context is checked
@@ -74,53 +76,43 @@ func (w *writer) writeContent(f *os.File, r io.Reader) error {
 
 // setMeta gives base in parent (not a regular file being written) the
 // entry's owner, mode, xattrs and times; directory times are set at the
-// end. base is one component in a directory handle and no call follows it
-// if it is a symlink (chmod, which would, is not made on one).
+// end. Every call goes to one O_PATH|O_NOFOLLOW handle of base, opened
+// once: if base is swapped for a symlink meanwhile (something else writing
+// in the layer), the calls reach the symlink itself, never what it names.
 func (w *writer) setMeta(parent *dirFD, base string, hdr *tar.Header) error {
-	st, ok, err := parent.lstat(base)
-	if err != nil {
-		return err
-	}
-	if !ok {
-		return parent.err("lstat", base, unix.ENOENT)
-	}
-	return w.setMetaOf(parent, base, &st, hdr)
-}
-
-// setMetaOf is setMeta for base whose type st already tells.
-func (w *writer) setMetaOf(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
-	if err := parent.lchown(base, hdr.Uid, hdr.Gid); err != nil {
-		return err
-	}
-	// Not by the tar entry's type: a hard-link entry can name a symlink,
-	// whose mode means nothing.
-	if !isSymlink(st) {
-		if err := parent.chmod(base, uint32(hdr.Mode&0o7777)); err != nil {
-			return err
-		}
-	}
-	if err := w.setXattrsAt(parent, base, st, hdr); err != nil {
-		return err
-	}
-	if isDir(st) {
-		w.rec.dirTimes(join(parent.rel, base), entryTimes(hdr))
-		return nil
-	}
-	return parent.setTimes(base, entryTimes(hdr))
-}
-
-// setXattrsAt sets the entry's xattrs on base through a handle on its inode.
-func (w *writer) setXattrsAt(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
-	if !hasXattrs(hdr) {
-		return nil
-	}
 	in, err := parent.inode(base)
 	if err != nil {
 		return err
 	}
 	defer in.close()
-	regOrDir := st.Mode&unix.S_IFMT == unix.S_IFREG || isDir(st)
-	return w.setXattrs(hdr, in.rel, regOrDir, in.setXattrRaw)
+	return w.setMetaOn(in, hdr)
+}
+
+// setMetaOn gives the inode in the entry's metadata. The owner goes first,
+// as in containerd's createTarFile: chown makes the kernel clear
+// security.capability and the setuid bit (setgid too when group-executable)
+// of a non-directory, and the mode and xattrs set afterwards are the
+// entry's.
+func (w *writer) setMetaOn(in *inodeFD, hdr *tar.Header) error {
+	if err := in.chown(hdr.Uid, hdr.Gid); err != nil {
+		return err
+	}
+	// Not by the tar entry's type: a hard-link entry can name a symlink,
+	// whose mode means nothing (chmod leaves symlinks alone).
+	if err := in.chmod(uint32(hdr.Mode & 0o7777)); err != nil {
+		return err
+	}
+	if hasXattrs(hdr) {
+		regOrDir := in.st.Mode&unix.S_IFMT == unix.S_IFREG || isDir(&in.st)
+		if err := w.setXattrs(hdr, in.rel, regOrDir, in.setXattrRaw); err != nil {
+			return err
+		}
+	}
+	if isDir(&in.st) {
+		w.rec.dirTimes(in.rel, entryTimes(hdr))
+		return nil
+	}
+	return in.setTimes(entryTimes(hdr))
 }
 
 func hasXattrs(hdr *tar.Header) bool {
@@ -215,15 +207,26 @@ func setTimesBelow(d *dirFD, n *node) error {
 		if k.times == nil {
 			continue
 		}
-		st, ok, err := d.lstat(name)
-		if err != nil {
+		if err := setTimesOfDir(d, name, *k.times); err != nil {
 			return err
-		}
-		if ok && isDir(&st) {
-			if err := d.setTimes(name, *k.times); err != nil {
-				return err
-			}
 		}
 	}
 	return nil
+}
+
+// setTimesOfDir sets the times of name in d through a handle, if it is still
+// a directory.
+func setTimesOfDir(d *dirFD, name string, ts [2]unix.Timespec) error {
+	in, err := d.inode(name)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer in.close()
+	if !isDir(&in.st) {
+		return nil
+	}
+	return in.setTimes(ts)
 }
