@@ -1,7 +1,8 @@
 // Package differ is a containerd diff plugin implementation for the
 // fuse-overlayfs snapshotter. Its applier writes image layers straight into
-// the snapshot's layer directory instead of pushing every file through a
-// FUSE mount; its comparer is containerd's walking differ.
+// an active snapshot's layer directory instead of pushing every file
+// through a FUSE mount, and never into a committed layer or a view (see
+// WithSnapshotKinds); its comparer is containerd's walking differ.
 package differ
 
 import (
