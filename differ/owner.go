@@ -44,7 +44,7 @@ func (d *Differ) checkActive(ctx context.Context, root layout.Root, id, dir stri
 	}
 	kind, err := kindOf(ctx, id)
 	if errdefs.IsNotFound(err) {
-		return fmt.Errorf("apply a layer into %s: no snapshot of %s has ID %s (%v): a layer goes only into an active snapshot (from Prepare): %w", dir, root, id, err, errdefs.ErrFailedPrecondition)
+		return fmt.Errorf("apply a layer into %s: no snapshot of %s has ID %s: a layer goes only into an active snapshot (from Prepare): %w", dir, root, id, errdefs.ErrFailedPrecondition)
 	}
 	if err != nil {
 		return fmt.Errorf("apply a layer into %s: look up snapshot %s: %w", dir, id, err)
