@@ -2,7 +2,6 @@ package fuseoverlayfs
 
 import (
 	"fmt"
-	"path/filepath"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -10,9 +9,10 @@ import (
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
-// Config is the configuration shared by the built-in plugin and the gRPC
-// proxy server. Its TOML keys are the ones users write under
+// Config is the snapshotter's configuration: the keys users write under
 // [plugins.'io.containerd.snapshotter.v1.fuse-overlayfs'].
+// containerd-fuse-overlayfs-grpc embeds it in its own configuration type,
+// which adds what only the server needs (content_dir).
 type Config struct {
 	// RootPath is where snapshots and metadata are kept. Empty means the
 	// default chosen by the caller (containerd's plugin root directory).
@@ -23,37 +23,12 @@ type Config struct {
 	// MountOptions are extra fuse-overlayfs options added to every overlay
 	// mount, e.g. "noacl" or "static_nlink".
 	MountOptions []string `toml:"mount_options"`
-	// ContentDir is containerd's content store directory,
-	// <containerd root>/io.containerd.content.v1.content, from which
-	// containerd-fuse-overlayfs-grpc reads the layers containerd asks it to
-	// apply: a proxied Apply carries the layer's descriptor, not its bytes.
-	// Empty means the default for the user the server runs as. The
-	// built-in plugin reads containerd's content store itself and ignores it.
-	ContentDir string `toml:"content_dir"`
 }
 
 // Validate checks the configuration and returns an errdefs.ErrInvalidArgument
 // error naming the offending value.
 func (c *Config) Validate() error {
-	if err := ValidateMountOptions(c.MountOptions); err != nil {
-		return err
-	}
-	return validateContentDir(c.ContentDir)
-}
-
-// validateContentDir wants an absolute path: the server may run from any
-// working directory (systemd starts units in /), so a relative one would
-// name a different place in each setup.
-func validateContentDir(dir string) error {
-	switch {
-	case dir == "":
-		return nil
-	case strings.ContainsRune(dir, 0):
-		return fmt.Errorf("content_dir %q: contains a NUL byte: %w", dir, errdefs.ErrInvalidArgument)
-	case !filepath.IsAbs(dir):
-		return fmt.Errorf("content_dir %q: want an absolute path, e.g. /var/lib/containerd/io.containerd.content.v1.content: %w", dir, errdefs.ErrInvalidArgument)
-	}
-	return nil
+	return ValidateMountOptions(c.MountOptions)
 }
 
 // Opts turns the configuration into snapshotter options.

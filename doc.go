@@ -4,10 +4,14 @@
 // containerd on older kernels, nested containers, unusual backing
 // filesystems).
 //
-// The package holds no plugin registration; import the plugin subpackage to
-// build it into containerd.
+// The package is the snapshotter alone and registers nothing when imported.
+// Around it: plugin/ builds it (and its differ) into containerd, hostcheck/
+// tells whether a host can run it, monitor/ watches its fuse-overlayfs
+// servers and serves metrics, differ/ applies and compares its layers, and
+// internal/layout says where everything lives in a root and what its mounts
+// look like.
 //
 // It runs on Linux only. On other systems the package still compiles, so
-// that a cross-platform program can import it, but Supported, Check and
-// NewSnapshotter return an error saying so.
+// that a cross-platform program can import it, but NewSnapshotter returns an
+// error saying so.
 package fuseoverlayfs

@@ -21,6 +21,7 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 type snapshotter struct {
@@ -28,7 +29,7 @@ type snapshotter struct {
 	ms          *storage.MetaStore
 	asyncRemove bool
 	options     []string
-	watch       *watcher // nil when the watcher could not start
+	mon         *monitor.Handle
 }
 
 // Compile-time proof of the interfaces containerd looks for.
@@ -80,10 +81,7 @@ func NewSnapshotter(root string, opts ...Opt) (snapshots.Snapshotter, error) {
 		_ = ms.Close()
 		return nil, fmt.Errorf("recover snapshotter root %s: %w", root, err)
 	}
-	if o.watch, err = startWatcher(o); err != nil {
-		log.L.WithError(err).Warn("cannot watch fuse-overlayfs servers: a server that dies will not be reported")
-	}
-	registerOpen(o)
+	o.mon = monitor.Start(monitor.Source{Root: root, KeyOf: o.keyOf, Census: o.census})
 	return o, nil
 }
 
@@ -325,6 +323,8 @@ func (o *snapshotter) Cleanup(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// orphans lists the snapshot directories the store does not know, as
+// getCleanupDirectories of containerd v2.4.2's overlay snapshotter does.
 func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 	ids, err := storage.IDMap(ctx)
 	if errors.Is(err, errdefs.ErrNotFound) {
@@ -349,14 +349,14 @@ func (o *snapshotter) orphans(ctx context.Context) ([]string, error) {
 
 // Close releases the metadata store.
 func (o *snapshotter) Close() error {
-	unregisterOpen(o)
-	if o.watch != nil {
-		o.watch.stop()
-		o.watch = nil
-	}
+	o.mon.Close()
 	return o.ms.Close()
 }
 
+// create follows createSnapshot of containerd v2.4.2's
+// plugins/snapshots/overlay/overlay.go: the directory is built under a
+// temporary name inside the write transaction and renamed to the snapshot's
+// ID once the store holds it.
 func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (m []mount.Mount, err error) {
 	if err := validateKey("snapshot key", key); err != nil {
 		return nil, err
@@ -396,7 +396,7 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return err
 		}
 		if len(s.ParentIDs) > 0 {
-			if err := copyOwner(o.root.FS(s.ParentIDs[0]), tmp+"/fs"); err != nil {
+			if err := copyOwner(o.root.FS(s.ParentIDs[0]), layout.LayerIn(tmp)); err != nil {
 				return err
 			}
 		}
@@ -413,17 +413,18 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 }
 
 // newSnapshotDir makes a temporary directory holding fs (and work for an
-// active snapshot); it is renamed into place only once the snapshot exists.
+// active snapshot); it is renamed into place only once the snapshot exists
+// (prepareDirectory of containerd v2.4.2's overlay snapshotter).
 func (o *snapshotter) newSnapshotDir(kind snapshots.Kind) (string, error) {
-	tmp, err := os.MkdirTemp(o.root.Snapshots(), "new-")
+	tmp, err := os.MkdirTemp(o.root.Snapshots(), layout.NewSnapshotPattern)
 	if err != nil {
 		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
 	}
-	if err := os.Mkdir(tmp+"/fs", 0o755); err != nil {
+	if err := os.Mkdir(layout.LayerIn(tmp), 0o755); err != nil {
 		return tmp, err
 	}
 	if kind == snapshots.KindActive {
-		if err := os.Mkdir(tmp+"/work", 0o700); err != nil {
+		if err := os.Mkdir(layout.WorkIn(tmp), 0o700); err != nil {
 			return tmp, err
 		}
 	}

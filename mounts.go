@@ -12,7 +12,9 @@ import (
 // containerd mounts it with the mount.fuse3 helper, which runs fuse-overlayfs.
 const MountType = layout.MountType
 
-// buildMounts returns the mounts of snapshot s. Without ID mapping a snapshot
+// buildMounts returns the mounts of snapshot s, in the shape of mounts() of
+// containerd v2.4.2's plugins/snapshots/overlay/overlay.go (with
+// fuse-overlayfs' mount type and ID-mapping options). Without ID mapping a snapshot
 // with no parent, and a view of exactly one parent, are plain bind mounts;
 // everything else, and anything ID-mapped (a bind mount cannot map IDs), is a
 // fuse-overlayfs mount.

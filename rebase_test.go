@@ -3,7 +3,6 @@
 package fuseoverlayfs
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
 	"errors"
@@ -18,44 +17,14 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/internal/layer"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
-func testTar(t *testing.T, hdrs ...*tar.Header) *bytes.Reader {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, h := range hdrs {
-		if h.Typeflag == tar.TypeReg {
-			h.Size = int64(len(h.Linkname))
-		}
-		body := []byte(h.Linkname)
-		if h.Typeflag == tar.TypeReg {
-			h.Linkname = ""
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		if h.Typeflag == tar.TypeReg {
-			if _, err := tw.Write(body); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return bytes.NewReader(buf.Bytes())
-}
-
-// For testTar: a regular file's Linkname carries its content.
-func tfile(name, body string) *tar.Header {
-	return &tar.Header{Name: name, Typeflag: tar.TypeReg, Mode: 0o644, Linkname: body}
-}
-func tdir(name string, mode int64, uid int) *tar.Header {
-	return &tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: mode, Uid: uid, Gid: uid}
-}
-func tlink(name, to string) *tar.Header {
-	return &tar.Header{Name: name, Typeflag: tar.TypeLink, Mode: 0o644, Linkname: to}
+// tdir is a directory owned by uid:uid.
+func tdir(name string, mode int64, uid int) tartest.Entry {
+	e := tartest.Dir(name, mode)
+	e.UID, e.GID = uid, uid
+	return e
 }
 
 // applyDetached applies a layer into the active snapshot key as the
@@ -83,7 +52,7 @@ func TestRebaseFinishesDetachedLayer(t *testing.T) {
 	if _, err := sn.Prepare(ctx, "base-a", ""); err != nil {
 		t.Fatal(err)
 	}
-	applyDetached(t, ctx, sn, "base-a", testTar(t, tdir("etc", 0o755, 0), tfile("etc/a", "content"), tdir("lib", 0o700, 3), tfile("gone", "g"), tfile(".wh.nothing", "")))
+	applyDetached(t, ctx, sn, "base-a", tartest.Layer{tdir("etc", 0o755, 0), tartest.File("etc/a", 0o644, "content"), tdir("lib", 0o700, 3), tartest.File("gone", 0o644, "g"), tartest.File(".wh.nothing", 0o644, "")}.Reader())
 	if err := sn.Commit(ctx, "base", "base-a"); err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +64,7 @@ func TestRebaseFinishesDetachedLayer(t *testing.T) {
 	if _, err := sn.Prepare(ctx, "l-a", ""); err != nil {
 		t.Fatal(err)
 	}
-	id := applyDetached(t, ctx, sn, "l-a", testTar(t, tlink("etc/a2", "etc/a"), tfile("lib/x", "x"), tfile(".wh.gone", "")))
+	id := applyDetached(t, ctx, sn, "l-a", tartest.Layer{tartest.Hardlink("etc/a2", "etc/a"), tartest.File("lib/x", 0o644, "x"), tartest.Whiteout("gone")}.Reader())
 	state := layer.StateFile(sn.root.Snapshot(id))
 	if _, err := os.Stat(state); err != nil {
 		t.Fatalf("detached apply left no state: %v", err)

@@ -4,35 +4,32 @@ package fuseoverlayfs
 
 import (
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/fosnap/fuseoverlayfs/monitor"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
-
-// fuseFSType is how the kernel lists mounts served by fuse-overlayfs.
-const fuseFSType = "fuse.fuse-overlayfs"
 
 // recoverRoot deals with what an interrupted run left in the root: probe
 // directories, temporary create directories and directories the store no
 // longer knows, and fuse-overlayfs mounts whose server is gone. Each finding
 // is logged; none stops the snapshotter from opening.
 func (o *snapshotter) recoverRoot(ctx context.Context) error {
-	for _, m := range deadFUSEMounts() {
+	for _, m := range monitor.DeadMounts() {
 		if err := unix.Unmount(m, unix.MNT_DETACH); err != nil {
 			log.G(ctx).WithError(err).WithField("mountpoint", m).Warn("cannot detach fuse-overlayfs mount whose server is gone")
 			continue
 		}
-		deadMountsFound.WithValues("open").Inc()
+		monitor.DeadMountFound(monitor.FoundAtOpen)
 		log.G(ctx).WithField("mountpoint", m).Info("detached fuse-overlayfs mount whose server is gone")
 	}
-	probes, err := filepath.Glob(filepath.Join(string(o.root), ".probe-*"))
+	probes, err := filepath.Glob(o.root.Probes())
 	if err != nil {
 		return err
 	}
@@ -41,7 +38,7 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", p).Warn("cannot remove leftover probe directory")
 			continue
 		}
-		recoveredDirs.WithValues("probe").Inc()
+		monitor.DirRecovered(monitor.RecoveredProbe)
 		log.G(ctx).WithField("path", p).Info("removed leftover probe directory")
 	}
 	var orphans []string
@@ -56,46 +53,10 @@ func (o *snapshotter) recoverRoot(ctx context.Context) error {
 			log.G(ctx).WithError(err).WithField("path", dir).Warn("cannot remove snapshot directory unknown to the metadata store")
 			continue
 		}
-		recoveredDirs.WithValues("orphan").Inc()
+		monitor.DirRecovered(monitor.RecoveredOrphan)
 		log.G(ctx).WithField("path", dir).Info("removed snapshot directory unknown to the metadata store")
 	}
 	return nil
-}
-
-// deadFUSEMounts lists fuse-overlayfs mount points whose server has died:
-// every access to them fails with ENOTCONN and nothing can bring them back,
-// so they are reclaimed wherever they are.
-func deadFUSEMounts() []string {
-	mounts, err := mountinfo.GetMounts(mountinfo.FSTypeFilter(fuseFSType))
-	if err != nil {
-		return nil
-	}
-	var dead []string
-	for _, m := range mounts {
-		if isDisconnected(m.Mountpoint) {
-			dead = append(dead, m.Mountpoint)
-		}
-	}
-	return dead
-}
-
-// isDisconnected asks the filesystem at path for its statistics, which FUSE
-// always forwards to the server (a stat may be answered from the kernel's
-// attribute cache even after the server died). A hung server (stopped, not
-// dead) must not hang the caller: after a second it gives up and reports the
-// mount as alive.
-func isDisconnected(path string) bool {
-	done := make(chan error, 1)
-	go func() {
-		var st unix.Statfs_t
-		done <- unix.Statfs(path, &st)
-	}()
-	select {
-	case err := <-done:
-		return errors.Is(err, unix.ENOTCONN)
-	case <-time.After(time.Second):
-		return false
-	}
 }
 
 // removeAll removes dir. Should a mount inside it stop that (a FUSE mount

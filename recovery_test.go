@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 // twoLayers commits a base layer holding file "base" and prepares an active
@@ -62,7 +63,7 @@ func mountAndKill(t *testing.T, m []mount.Mount, target, marker string) {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for !isDisconnected(target) {
+	for !monitor.Disconnected(target) {
 		if time.Now().After(deadline) {
 			t.Fatal("mount still answers after its server was killed")
 		}

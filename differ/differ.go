@@ -2,7 +2,9 @@
 // fuse-overlayfs snapshotter. Its applier writes image layers straight into
 // an active snapshot's layer directory instead of pushing every file
 // through a FUSE mount, and never into a committed layer or a view (see
-// WithSnapshotKinds); its comparer is containerd's walking differ.
+// WithSnapshotKinds). Its comparer reads the snapshot's upper directory
+// directly (our fast Compare, compare.go) and falls back to containerd's
+// walking differ for mounts it cannot read that way.
 package differ
 
 import (

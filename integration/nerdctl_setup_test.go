@@ -15,9 +15,9 @@ import (
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 )
 
-// nerdctlSetupHeading is the README section with the lines to add to what
+// nerdctlSetupHeading is the section of rootlessDoc with the lines to add to what
 // nerdctl's setup tool prints.
-const nerdctlSetupHeading = "### With nerdctl's containerd-rootless-setuptool.sh"
+const nerdctlSetupHeading = "## With nerdctl's containerd-rootless-setuptool.sh"
 
 // readmeAdded marks, in the README's block, the lines added to nerdctl's.
 const readmeAdded = "# added"
@@ -278,14 +278,14 @@ func TestNerdctlSetupTool(t *testing.T) {
 	}
 }
 
-// readmeText returns README.md.
+// readmeText returns rootlessDoc, where the nerdctl block is.
 func readmeText(t *testing.T) string {
 	t.Helper()
 	root, err := harness.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile(filepath.Join(root, "README.md"))
+	data, err := os.ReadFile(filepath.Join(root, rootlessDoc))
 	if err != nil {
 		t.Fatal(err)
 	}

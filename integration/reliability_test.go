@@ -2,11 +2,8 @@ package integration
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -21,7 +18,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
@@ -164,50 +160,6 @@ func TestNoLeaks(t *testing.T) {
 	t.Logf("%d runs: containerd fds %d before, %d after; no fuse-overlayfs mount or process left", runs, start, now)
 }
 
-// treeSum hashes a directory tree: names, types, modes, owners, sizes,
-// contents, link targets, device numbers and xattrs.
-func treeSum(root string) (string, error) {
-	h := sha256.New()
-	err := filepath.Walk(root, func(path string, fi os.FileInfo, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, path)
-		st := fi.Sys().(*syscall.Stat_t)
-		_, _ = fmt.Fprintf(h, "%s %o %d %d %d %d\n", rel, st.Mode, st.Uid, st.Gid, st.Rdev, fi.Size())
-		switch {
-		case fi.Mode()&os.ModeSymlink != 0:
-			target, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			_, _ = fmt.Fprintf(h, "-> %s\n", target)
-		case fi.Mode().IsRegular():
-			f, err := os.Open(path)
-			if err != nil {
-				return err
-			}
-			_, err = io.Copy(h, f)
-			_ = f.Close()
-			if err != nil {
-				return err
-			}
-		}
-		buf := make([]byte, 64*1024)
-		if n, err := unix.Llistxattr(path, buf); err == nil && n > 0 {
-			names := strings.Split(strings.TrimRight(string(buf[:n]), "\x00"), "\x00")
-			slices.Sort(names)
-			for _, name := range names {
-				v := make([]byte, 64*1024)
-				m, _ := unix.Lgetxattr(path, name, v)
-				_, _ = fmt.Fprintf(h, "x %s=%x\n", name, v[:max(m, 0)])
-			}
-		}
-		return nil
-	})
-	return hex.EncodeToString(h.Sum(nil)), err
-}
-
 // orphanShims returns the PIDs of runc shims serving this containerd whose
 // task no namespace lists.
 func (e *env) orphanShims() []int {
@@ -340,7 +292,7 @@ func TestCrashConsistency(t *testing.T) {
 			if kind != snapshots.KindCommitted {
 				continue
 			}
-			sum, err := treeSum(filepath.Join(root, "snapshots", id, "fs"))
+			sum, err := testutil.TreeSum(filepath.Join(root, "snapshots", id, "fs"))
 			if err != nil {
 				t.Fatalf("round %d: committed snapshot %s: %v", round, id, err)
 			}

@@ -16,32 +16,28 @@ import (
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
-// readmeBlock returns the n-th (0-based) code block of language lang after
-// the heading in the README's "## Rootless" section.
-func readmeBlock(t *testing.T, readme, heading, lang string, n int) string {
+// rootlessDoc is the document the rootless tests run as written.
+const rootlessDoc = "docs/rootless.md"
+
+// readmeBlock returns the n-th (0-based) code block of language lang in the
+// "## heading" section of doc (the text of rootlessDoc).
+func readmeBlock(t *testing.T, doc, heading, lang string, n int) string {
 	t.Helper()
-	_, section, ok := strings.Cut(readme, "\n## Rootless\n")
+	_, rest, ok := strings.Cut(doc, "\n"+heading+"\n")
 	if !ok {
-		t.Fatal("README.md has no \"## Rootless\" section")
+		t.Fatalf("%s has no heading %q", rootlessDoc, heading)
 	}
-	if end := strings.Index(section, "\n## "); end >= 0 {
-		section = section[:end]
-	}
-	_, rest, ok := strings.Cut(section, "\n"+heading+"\n")
-	if !ok {
-		t.Fatalf("README.md's Rootless section has no heading %q", heading)
-	}
-	if end := strings.Index(rest, "\n### "); end >= 0 {
+	if end := strings.Index(rest, "\n## "); end >= 0 {
 		rest = rest[:end]
 	}
 	for i := 0; ; i++ {
 		_, after, ok := strings.Cut(rest, "```"+lang+"\n")
 		if !ok {
-			t.Fatalf("README.md: no %s block number %d under %q", lang, n+1, heading)
+			t.Fatalf("%s: no %s block number %d under %q", rootlessDoc, lang, n+1, heading)
 		}
 		block, tail, ok := strings.Cut(after, "```")
 		if !ok {
-			t.Fatalf("README.md: unterminated %s block under %q", lang, heading)
+			t.Fatalf("%s: unterminated %s block under %q", rootlessDoc, lang, heading)
 		}
 		if i == n {
 			return block
@@ -65,7 +61,7 @@ func replaceN(t *testing.T, s, old, new string, n int) string {
 	return strings.ReplaceAll(s, old, new)
 }
 
-// TestRootlessReadme runs the README's Rootless section as written, as the
+// TestRootlessReadme runs docs/rootless.md as written, as the
 // unprivileged user: its RootlessKit command starts our containerd with
 // config/containerd.toml, its client commands run a container on
 // fuse-overlayfs; then the same RootlessKit command starts containerd-stock
@@ -80,15 +76,15 @@ func TestRootlessReadme(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile(filepath.Join(root, "README.md"))
+	data, err := os.ReadFile(filepath.Join(root, rootlessDoc))
 	if err != nil {
 		t.Fatal(err)
 	}
 	readme := string(data)
-	const builtinHeading = "### containerd with the built-in plugin, under RootlessKit"
+	const builtinHeading = "## containerd with the built-in plugin, under RootlessKit"
 	start := readmeBlock(t, readme, builtinHeading, "sh", 0)
 	client := readmeBlock(t, readme, builtinHeading, "sh", 1)
-	unit := readmeBlock(t, readme, "### An unmodified containerd with the proxy plugin", "ini", 0)
+	unit := readmeBlock(t, readme, "## An unmodified containerd with the proxy plugin", "ini", 0)
 
 	// The README's host prerequisite for --net=slirp4netns.
 	if st, err := os.Stat("/dev/net/tun"); err != nil {

@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
@@ -383,7 +384,7 @@ func TestRootlessSnapshotterSuite(t *testing.T) {
 	}
 	innerSetup(t)
 	// The host checks pass rootless: /dev/fuse opens, the probe mounts.
-	if info, err := fuseoverlayfs.Check(filepath.Join(t.TempDir(), "check")); err != nil {
+	if info, err := hostcheck.Require(filepath.Join(t.TempDir(), "check")); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("host check: fuse-overlayfs %s at %s", info.Version, info.FuseOverlayfs)
@@ -532,25 +533,28 @@ func regexpMatch(pattern, s string) bool {
 	return regexp.MustCompile(pattern).MatchString(s)
 }
 
-// TestReadmeShowsRootlessFiles keeps the README's proxy configuration and
-// systemd unit and the files (the configuration TestRootlessProxy loads)
-// identical.
+// TestReadmeShowsRootlessFiles keeps the proxy configuration (README.md)
+// and the systemd unit (docs/rootless.md) and the files (the configuration
+// TestRootlessProxy loads) identical.
 func TestReadmeShowsRootlessFiles(t *testing.T) {
 	root, err := harness.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	readme, err := os.ReadFile(filepath.Join(root, "README.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for file, lang := range map[string]string{harness.ProxyConfigFile: "toml", "containerd-fuse-overlayfs.service": "ini"} {
-		data, err := os.ReadFile(filepath.Join(root, "config", file))
+	for _, c := range []struct{ file, lang, doc string }{
+		{harness.ProxyConfigFile, "toml", "README.md"},
+		{"containerd-fuse-overlayfs.service", "ini", rootlessDoc},
+	} {
+		doc, err := os.ReadFile(filepath.Join(root, c.doc))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.Contains(string(readme), "```"+lang+"\n"+string(data)+"```") {
-			t.Errorf("README.md does not show config/%s verbatim in a %s block", file, lang)
+		data, err := os.ReadFile(filepath.Join(root, "config", c.file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(doc), "```"+c.lang+"\n"+string(data)+"```") {
+			t.Errorf("%s does not show config/%s verbatim in a %s block", c.doc, c.file, c.lang)
 		}
 	}
 }

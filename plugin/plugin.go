@@ -1,5 +1,9 @@
-// Package plugin registers the fuse-overlayfs snapshotter as a containerd
-// plugin. Blank-import it into a containerd build:
+// Package plugin registers two containerd plugins named fuse-overlayfs: the
+// snapshotter (io.containerd.snapshotter.v1) and its differ
+// (io.containerd.differ.v1, differ.go), which applies layers straight into
+// the snapshotter's layer directories and compares them without FUSE. At
+// load the snapshotter runs hostcheck.Require and registers the monitor's
+// metrics. Blank-import it into a containerd build:
 //
 //	import _ "github.com/fosnap/fuseoverlayfs/plugin"
 package plugin
@@ -15,6 +19,8 @@ import (
 	"github.com/containerd/plugin/registry"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 // ID is the snapshotter's name, as in `ctr --snapshotter fuse-overlayfs`.
@@ -41,16 +47,11 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	if err := config.Validate(); err != nil {
 		return nil, fmt.Errorf("fuse-overlayfs snapshotter: invalid configuration: %w", err)
 	}
-	if config.ContentDir != "" {
-		// Shared with the gRPC server, which has no other way to the
-		// layers; in containerd the differ has the content store.
-		log.G(ic.Context).WithField("content_dir", config.ContentDir).Warn("fuse-overlayfs snapshotter: content_dir is used by containerd-fuse-overlayfs-grpc only; the plugin ignores it")
-	}
 	root := ic.Properties[plugins.PropertyRootDir]
 	if config.RootPath != "" {
 		root = config.RootPath
 	}
-	info, err := fuseoverlayfs.Check(root)
+	info, err := hostcheck.Require(root)
 	if err != nil {
 		// Skipping keeps containerd running without this snapshotter;
 		// `ctr plugins ls -d` shows the reason.
@@ -60,6 +61,8 @@ func initSnapshotter(ic *plugin.InitContext) (any, error) {
 	ic.Meta.Exports[plugins.SnapshotterRootDir] = root
 	ic.Meta.Exports["fuse-overlayfs-version"] = info.Version
 	ic.Meta.Capabilities = append(ic.Meta.Capabilities, capRemapIDs, snapshots.RebaseCap)
+	// containerd serves the default registry on its [metrics] address.
+	monitor.Register()
 	sn, err := fuseoverlayfs.NewSnapshotter(root, config.Opts()...)
 	if err != nil {
 		// Skipped, not failed: containerd's metadata plugin refuses to load

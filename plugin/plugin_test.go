@@ -49,14 +49,12 @@ func TestConfigDecode(t *testing.T) {
   root_path = "/var/lib/fo"
   sync_remove = true
   mount_options = ["noacl", "static_nlink"]
-  content_dir = "/var/lib/containerd/io.containerd.content.v1.content"
 `)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "static_nlink"},
-		ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}
-	if cfg.RootPath != want.RootPath || cfg.SyncRemove != want.SyncRemove || !slices.Equal(cfg.MountOptions, want.MountOptions) || cfg.ContentDir != want.ContentDir {
+	want := fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "static_nlink"}}
+	if cfg.RootPath != want.RootPath || cfg.SyncRemove != want.SyncRemove || !slices.Equal(cfg.MountOptions, want.MountOptions) {
 		t.Fatalf("decoded %+v, want %+v", cfg, want)
 	}
 	// No section: defaults.
@@ -104,10 +102,6 @@ func TestInitRefusesBadConfig(t *testing.T) {
 	_, err := initSnapshotter(newInitContext(t, &fuseoverlayfs.Config{MountOptions: []string{"noacl,upperdir=/"}}))
 	if !errdefs.IsInvalidArgument(err) || errors.Is(err, plugin.ErrSkipPlugin) {
 		t.Fatalf("got %v, want an invalid-argument error", err)
-	}
-	_, err = initSnapshotter(newInitContext(t, &fuseoverlayfs.Config{ContentDir: "relative/content"}))
-	if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), "content_dir") {
-		t.Fatalf("relative content_dir: got %v, want an invalid-argument error naming content_dir", err)
 	}
 	file := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(file, nil, 0o600); err != nil {

@@ -9,10 +9,10 @@ import (
 	"os"
 	"path/filepath"
 
-	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 )
 
-// checkReport is what `check --json` prints. Its fields are stable (README,
+// checkReport is what `check --json` prints. Its fields are stable (docs/operating.md,
 // "Is this host ready?"): new fields may be added, none renamed or removed.
 type checkReport struct {
 	// FormatVersion is 1; it changes only if a field changes meaning.
@@ -20,12 +20,12 @@ type checkReport struct {
 	Root          string `json:"root"`
 	UID           int    `json:"uid"`
 	// Status is the worst status of the checks: ok, warn or fail.
-	Status fuseoverlayfs.Status    `json:"status"`
-	Checks []fuseoverlayfs.Finding `json:"checks"`
+	Status hostcheck.Status    `json:"status"`
+	Checks []hostcheck.Finding `json:"checks"`
 }
 
 // runCheck is `containerd-fuse-overlayfs-grpc check [--root DIR] [--json]`:
-// the plugin's host checks and a few more, one line each. Exit status 0 when
+// every check of hostcheck's table (the plugin's load-time checks and a few more), one line each. Exit status 0 when
 // every check is ok or warn, 1 when one failed, 2 for a bad command line.
 func runCheck(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet(name+" check", flag.ContinueOnError)
@@ -51,12 +51,8 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 		_, _ = fmt.Fprintf(stderr, "%s check: %v\n", name, err)
 		return exitUsage
 	}
-	rep := checkReport{FormatVersion: 1, Root: abs, UID: os.Geteuid(), Status: fuseoverlayfs.StatusOK, Checks: fuseoverlayfs.Diagnose(abs)}
-	for _, f := range rep.Checks {
-		if f.Status == fuseoverlayfs.StatusFail || (f.Status == fuseoverlayfs.StatusWarn && rep.Status == fuseoverlayfs.StatusOK) {
-			rep.Status = f.Status
-		}
-	}
+	rep := checkReport{FormatVersion: 1, Root: abs, UID: os.Geteuid(), Checks: hostcheck.Run(abs)}
+	rep.Status = hostcheck.Worst(rep.Checks)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -70,7 +66,7 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 			_, _ = fmt.Fprintln(stdout, line)
 		}
 	}
-	if rep.Status == fuseoverlayfs.StatusFail {
+	if rep.Status == hostcheck.StatusFail {
 		return exitFailure
 	}
 	return 0

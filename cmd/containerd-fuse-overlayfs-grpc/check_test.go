@@ -13,7 +13,7 @@ import (
 	"syscall"
 	"testing"
 
-	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
@@ -59,7 +59,7 @@ func runCheckCmd(t *testing.T, exe, root string, env []string, cred *syscall.Cre
 		if !strings.HasPrefix(lines[i], string(c.Status)+" ") || !strings.Contains(lines[i], " "+c.Check+" ") || !strings.Contains(probeName.ReplaceAllString(lines[i], ".probe-X"), probeName.ReplaceAllString(c.Found, ".probe-X")) {
 			t.Fatalf("line %d %q does not say %+v", i, lines[i], c)
 		}
-		if c.Status != fuseoverlayfs.StatusOK && c.Fix == "" && c.Status != fuseoverlayfs.StatusWarn {
+		if c.Status != hostcheck.StatusOK && c.Fix == "" && c.Status != hostcheck.StatusWarn {
 			t.Fatalf("check %s failed without a fix: %+v", c.Check, c)
 		}
 	}
@@ -74,7 +74,7 @@ func runCheckCmd(t *testing.T, exe, root string, env []string, cred *syscall.Cre
 var probeName = regexp.MustCompile(`\.probe-[a-z-]*[0-9]+`)
 
 // finding returns the finding of check, failing the test when there is none.
-func finding(t *testing.T, rep checkReport, check string) fuseoverlayfs.Finding {
+func finding(t *testing.T, rep checkReport, check string) hostcheck.Finding {
 	t.Helper()
 	for _, f := range rep.Checks {
 		if f.Check == check {
@@ -82,10 +82,10 @@ func finding(t *testing.T, rep checkReport, check string) fuseoverlayfs.Finding 
 		}
 	}
 	t.Fatalf("no %s check in %+v", check, rep.Checks)
-	return fuseoverlayfs.Finding{}
+	return hostcheck.Finding{}
 }
 
-func wantFinding(t *testing.T, rep checkReport, check string, status fuseoverlayfs.Status, found ...string) {
+func wantFinding(t *testing.T, rep checkReport, check string, status hostcheck.Status, found ...string) {
 	t.Helper()
 	f := finding(t, rep, check)
 	if f.Status != status {
@@ -122,11 +122,11 @@ func raiseOpenFiles(t *testing.T) bool {
 func wantOpenFiles(t *testing.T, rep checkReport, high bool) {
 	t.Helper()
 	if high {
-		wantFinding(t, rep, fuseoverlayfs.CheckOpenFiles, fuseoverlayfs.StatusOK, "RLIMIT_NOFILE")
+		wantFinding(t, rep, hostcheck.CheckOpenFiles, hostcheck.StatusOK, "RLIMIT_NOFILE")
 		return
 	}
-	wantFinding(t, rep, fuseoverlayfs.CheckOpenFiles, fuseoverlayfs.StatusWarn, "under the recommended 65536")
-	if fix := finding(t, rep, fuseoverlayfs.CheckOpenFiles).Fix; !strings.Contains(fix, "LimitNOFILE=1048576") {
+	wantFinding(t, rep, hostcheck.CheckOpenFiles, hostcheck.StatusWarn, "under the recommended 65536")
+	if fix := finding(t, rep, hostcheck.CheckOpenFiles).Fix; !strings.Contains(fix, "LimitNOFILE=1048576") {
 		t.Fatalf("open-files fix %q", fix)
 	}
 }
@@ -148,24 +148,24 @@ func TestCheckHost(t *testing.T) {
 	high := raiseOpenFiles(t)
 	root := filepath.Join(t.TempDir(), "root")
 	_, rep, code := runCheckCmd(t, testExe(t), root, os.Environ(), nil)
-	wantStatus := fuseoverlayfs.StatusOK
+	wantStatus := hostcheck.StatusOK
 	if !high {
-		wantStatus = fuseoverlayfs.StatusWarn
+		wantStatus = hostcheck.StatusWarn
 	}
 	if code != 0 || rep.Status != wantStatus {
 		t.Fatalf("exit %d, status %s, want 0 and %s", code, rep.Status, wantStatus)
 	}
 	for _, f := range rep.Checks {
-		if f.Status != fuseoverlayfs.StatusOK && f.Check != fuseoverlayfs.CheckOpenFiles {
+		if f.Status != hostcheck.StatusOK && f.Check != hostcheck.CheckOpenFiles {
 			t.Errorf("check %s is %s: %s", f.Check, f.Status, f.Found)
 		}
 	}
 	wantOpenFiles(t, rep, high)
-	wantFinding(t, rep, fuseoverlayfs.CheckFuseOverlayfs, fuseoverlayfs.StatusOK, "version 1.")
-	wantFinding(t, rep, fuseoverlayfs.CheckFuseDevice, fuseoverlayfs.StatusOK, "/dev/fuse mode 0")
-	wantFinding(t, rep, fuseoverlayfs.CheckWhiteoutForms, fuseoverlayfs.StatusOK, "0/0 character devices", "trusted.overlay.opaque")
-	wantFinding(t, rep, fuseoverlayfs.CheckKernelOverlayfs, fuseoverlayfs.StatusOK, "kernel overlayfs works here", "overlayfs snapshotter would be faster")
-	for _, c := range []string{fuseoverlayfs.CheckMountHelper, fuseoverlayfs.CheckProbeMount} {
+	wantFinding(t, rep, hostcheck.CheckFuseOverlayfs, hostcheck.StatusOK, "version 1.")
+	wantFinding(t, rep, hostcheck.CheckFuseDevice, hostcheck.StatusOK, "/dev/fuse mode 0")
+	wantFinding(t, rep, hostcheck.CheckWhiteoutForms, hostcheck.StatusOK, "0/0 character devices", "trusted.overlay.opaque")
+	wantFinding(t, rep, hostcheck.CheckKernelOverlayfs, hostcheck.StatusOK, "kernel overlayfs works here", "overlayfs snapshotter would be faster")
+	for _, c := range []string{hostcheck.CheckMountHelper, hostcheck.CheckProbeMount} {
 		finding(t, rep, c)
 	}
 	assertNoProbeLeft(t, root)
@@ -198,15 +198,15 @@ func TestCheckNoFuseOverlayfs(t *testing.T) {
 	}
 	env := append(withoutEnv(os.Environ(), "PATH"), "PATH="+bin)
 	_, rep, code := runCheckCmd(t, testExe(t), filepath.Join(t.TempDir(), "root"), env, nil)
-	if code != 1 || rep.Status != fuseoverlayfs.StatusFail {
+	if code != 1 || rep.Status != hostcheck.StatusFail {
 		t.Fatalf("exit %d, status %s, want 1 and fail", code, rep.Status)
 	}
-	wantFinding(t, rep, fuseoverlayfs.CheckFuseOverlayfs, fuseoverlayfs.StatusFail, "fuse-overlayfs was not found on PATH ("+bin+")")
-	if fix := finding(t, rep, fuseoverlayfs.CheckFuseOverlayfs).Fix; !strings.Contains(fix, "apt-get install fuse-overlayfs") {
+	wantFinding(t, rep, hostcheck.CheckFuseOverlayfs, hostcheck.StatusFail, "fuse-overlayfs was not found on PATH ("+bin+")")
+	if fix := finding(t, rep, hostcheck.CheckFuseOverlayfs).Fix; !strings.Contains(fix, "apt-get install fuse-overlayfs") {
 		t.Fatalf("fix %q does not say what to install", fix)
 	}
-	wantFinding(t, rep, fuseoverlayfs.CheckMountHelper, fuseoverlayfs.StatusOK)
-	wantFinding(t, rep, fuseoverlayfs.CheckProbeMount, fuseoverlayfs.StatusFail, "not tried: fuse-overlayfs failed")
+	wantFinding(t, rep, hostcheck.CheckMountHelper, hostcheck.StatusOK)
+	wantFinding(t, rep, hostcheck.CheckProbeMount, hostcheck.StatusFail, "not tried: fuse-overlayfs failed")
 }
 
 func withoutEnv(env []string, name string) []string {
@@ -255,16 +255,16 @@ func TestCheckFuseDeviceNonRoot(t *testing.T) {
 	}
 	env := append(withoutEnv(os.Environ(), "HOME"), "HOME="+dir)
 	_, rep, code := runCheckCmd(t, exe, root, env, &syscall.Credential{Uid: nobody, Gid: nobody})
-	if code != 1 || rep.Status != fuseoverlayfs.StatusFail || rep.UID != nobody {
+	if code != 1 || rep.Status != hostcheck.StatusFail || rep.UID != nobody {
 		t.Fatalf("exit %d, status %s, uid %d: want 1, fail, %d", code, rep.Status, rep.UID, nobody)
 	}
-	wantFinding(t, rep, fuseoverlayfs.CheckFuseDevice, fuseoverlayfs.StatusFail, "mode 0600", "cannot open /dev/fuse read-write as uid 65534")
-	if fix := finding(t, rep, fuseoverlayfs.CheckFuseDevice).Fix; !strings.Contains(fix, "chmod 0666 /dev/fuse") {
+	wantFinding(t, rep, hostcheck.CheckFuseDevice, hostcheck.StatusFail, "mode 0600", "cannot open /dev/fuse read-write as uid 65534")
+	if fix := finding(t, rep, hostcheck.CheckFuseDevice).Fix; !strings.Contains(fix, "chmod 0666 /dev/fuse") {
 		t.Fatalf("fix %q", fix)
 	}
-	wantFinding(t, rep, fuseoverlayfs.CheckProbeMount, fuseoverlayfs.StatusFail, "not tried: fuse-device failed")
-	wantFinding(t, rep, fuseoverlayfs.CheckSubordinateIDs, fuseoverlayfs.StatusWarn, "user nobody has 0 subordinate uids")
-	finding(t, rep, fuseoverlayfs.CheckKernelOverlayfs)
+	wantFinding(t, rep, hostcheck.CheckProbeMount, hostcheck.StatusFail, "not tried: fuse-device failed")
+	wantFinding(t, rep, hostcheck.CheckSubordinateIDs, hostcheck.StatusWarn, "user nobody has 0 subordinate uids")
+	finding(t, rep, hostcheck.CheckKernelOverlayfs)
 }
 
 func copyFile(t *testing.T, src, dst string) {
@@ -294,13 +294,13 @@ func TestCheckRootOnKernelOverlay(t *testing.T) {
 	high := raiseOpenFiles(t)
 	root := filepath.Join(testutil.KernelOverlay(t), "root")
 	_, rep, code := runCheckCmd(t, testExe(t), root, os.Environ(), nil)
-	if code != 0 || rep.Status == fuseoverlayfs.StatusFail {
+	if code != 0 || rep.Status == hostcheck.StatusFail {
 		t.Fatalf("exit %d, status %s, want 0", code, rep.Status)
 	}
 	wantOpenFiles(t, rep, high)
-	wantFinding(t, rep, fuseoverlayfs.CheckProbeMount, fuseoverlayfs.StatusOK)
-	wantFinding(t, rep, fuseoverlayfs.CheckWhiteoutForms, fuseoverlayfs.StatusOK, ".wh.NAME files", "on overlay")
-	wantFinding(t, rep, fuseoverlayfs.CheckKernelOverlayfs, fuseoverlayfs.StatusOK)
+	wantFinding(t, rep, hostcheck.CheckProbeMount, hostcheck.StatusOK)
+	wantFinding(t, rep, hostcheck.CheckWhiteoutForms, hostcheck.StatusOK, ".wh.NAME files", "on overlay")
+	wantFinding(t, rep, hostcheck.CheckKernelOverlayfs, hostcheck.StatusOK)
 	assertNoProbeLeft(t, root)
 }
 

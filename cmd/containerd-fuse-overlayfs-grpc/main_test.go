@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
@@ -381,7 +382,7 @@ func TestHostCheckMessage(t *testing.T) {
 	}
 	root := filepath.Join(dir, "root")
 	t.Setenv("PATH", emptyPath)
-	want := fuseoverlayfs.Supported(root)
+	_, want := hostcheck.Require(root)
 	if want == nil {
 		t.Fatal("host check passed with an empty PATH")
 	}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/docker/go-metrics"
+
+	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
 // metricsPath is where the metrics are served, as containerd serves its own.
@@ -51,6 +53,7 @@ func checkMetricsAddress(addr string) error {
 // /v1/metrics. A unix socket is made as listen makes the main socket (mode
 // 0600 in a checked 0700 directory). The returned function stops it.
 func serveMetrics(addr string) (func(), error) {
+	monitor.Register()
 	var l net.Listener
 	var err error
 	if p, ok := strings.CutPrefix(addr, "unix:"); ok {

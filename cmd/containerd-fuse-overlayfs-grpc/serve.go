@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
+	"github.com/fosnap/fuseoverlayfs/hostcheck"
 )
 
 // serve runs the server until a stop signal: host checks, the snapshotter,
@@ -27,7 +28,7 @@ func serve(ctx context.Context, cfg serverConfig) (err error) {
 	defer sig.stop()
 
 	// The same checks, with the same messages, as the built-in plugin.
-	info, err := fuseoverlayfs.Check(cfg.RootPath)
+	info, err := hostcheck.Require(cfg.RootPath)
 	if err != nil {
 		return err
 	}

@@ -1,8 +1,9 @@
 // Package layer writes image layers (OCI layer tars) straight into a
 // fuse-overlayfs layer directory, in the form fuse-overlayfs 1.10 reads:
 // whiteouts as 0/0 character devices (or `.wh.NAME` files where mknod is
-// refused), opaque directories as an opaque xattr. It also finishes layers
-// that were applied before their parents were known (parallel unpack).
+// refused), opaque directories as an opaque xattr. It also exports an upper
+// directory as a layer tar (Export, the differ's fast Compare) and finishes
+// layers that were applied before their parents were known (parallel unpack).
 //
 // Layers are hostile. Every filesystem call goes through a handle rooted in
 // the layer (fsat.go): names from the tar are resolved one component at a

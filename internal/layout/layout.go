@@ -17,6 +17,22 @@ import (
 // containerd mounts it with the mount.fuse3 helper, which runs fuse-overlayfs.
 const MountType = "fuse3.fuse-overlayfs"
 
+// FSType is how the kernel lists a mount served by fuse-overlayfs in
+// /proc/self/mountinfo.
+const FSType = "fuse.fuse-overlayfs"
+
+// ServerComm is the command name (/proc/PID/comm, and the base name of
+// argv[0]) of a process serving a fuse-overlayfs mount.
+const ServerComm = "fuse-overlayfs"
+
+// ProbePrefix starts the names of the host checks' temporary directories in
+// a root; the recovery at open removes those an interrupted check left.
+const ProbePrefix = ".probe-"
+
+// newPrefix starts the name of a snapshot directory being created, before
+// it is renamed to its ID.
+const newPrefix = "new-"
+
 // Root is a snapshotter root directory:
 //
 //	metadata.db              containerd's snapshot metadata store
@@ -24,7 +40,23 @@ const MountType = "fuse3.fuse-overlayfs"
 //	snapshots/<id>/fs/       the layer
 //	snapshots/<id>/work/     fuse-overlayfs work directory (active snapshots)
 //	snapshots/<id>/unpack-state.json   what a detached apply left for Commit
+//	snapshots/new-*/         a snapshot being created (renamed to <id> once stored)
+//	.probe-*/                a host check's probe (removed at open when left)
 type Root string
+
+// Probes is the glob pattern of the probe directories in r.
+func (r Root) Probes() string { return filepath.Join(string(r), ProbePrefix+"*") }
+
+// NewSnapshotPattern is the os.MkdirTemp pattern of a snapshot directory
+// being created, in Snapshots.
+const NewSnapshotPattern = newPrefix
+
+// LayerIn is the layer directory inside the snapshot directory dir (one in
+// place, or one being created).
+func LayerIn(dir string) string { return filepath.Join(dir, "fs") }
+
+// WorkIn is the work directory inside the snapshot directory dir.
+func WorkIn(dir string) string { return filepath.Join(dir, "work") }
 
 // Metadata is the metadata store's file.
 func (r Root) Metadata() string { return filepath.Join(string(r), "metadata.db") }
@@ -36,10 +68,10 @@ func (r Root) Snapshots() string { return filepath.Join(string(r), "snapshots") 
 func (r Root) Snapshot(id string) string { return filepath.Join(r.Snapshots(), id) }
 
 // FS is the layer directory of snapshot id.
-func (r Root) FS(id string) string { return filepath.Join(r.Snapshot(id), "fs") }
+func (r Root) FS(id string) string { return LayerIn(r.Snapshot(id)) }
 
 // Work is the fuse-overlayfs work directory of snapshot id.
-func (r Root) Work(id string) string { return filepath.Join(r.Snapshot(id), "work") }
+func (r Root) Work(id string) string { return WorkIn(r.Snapshot(id)) }
 
 // Empty is the lower directory of an ID-mapped active snapshot without a
 // parent: fuse-overlayfs needs at least one lower directory.

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -22,30 +21,15 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
-// Entry is one tar entry of a layer.
-type Entry struct {
-	// Path inside the image, without a leading slash.
-	Path string
-	// Type is a tar type flag (tar.TypeReg, tar.TypeDir, tar.TypeSymlink,
-	// tar.TypeLink, tar.TypeFifo...).
-	Type byte
-	// Mode holds the permission bits, setuid/setgid/sticky included.
-	Mode int64
-	// UID and GID own the entry.
-	UID, GID int
-	// Body is a regular file's content.
-	Body []byte
-	// Link is a symlink's target or, for a hard link, the linked path
-	// inside the image (without a leading slash).
-	Link string
-	// Xattrs are extended attributes, stored as PAX records.
-	Xattrs map[string]string
-}
+// Entry is one tar entry of a layer (tartest.Entry).
+type Entry = tartest.Entry
 
-// Layer is the list of entries of one layer, in tar order.
-type Layer []Entry
+// Layer is the list of entries of one layer, in tar order (tartest.Layer).
+type Layer = tartest.Layer
 
 // Spec describes an image.
 type Spec struct {
@@ -59,79 +43,15 @@ type Spec struct {
 	Entrypoint, Cmd []string
 }
 
-// modTime is fixed so that an image built twice has the same digests.
-var modTime = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
-
-// Dir returns a directory entry.
-func Dir(path string, mode int64) Entry { return Entry{Path: path, Type: tar.TypeDir, Mode: mode} }
-
-// File returns a regular file entry owned by root.
-func File(path string, mode int64, body string) Entry {
-	return Entry{Path: path, Type: tar.TypeReg, Mode: mode, Body: []byte(body)}
-}
-
-// Symlink returns a symbolic link entry.
-func Symlink(path, target string) Entry {
-	return Entry{Path: path, Type: tar.TypeSymlink, Mode: 0o777, Link: target}
-}
-
-// Hardlink returns a hard link entry to target (a path in the image).
-func Hardlink(path, target string) Entry {
-	return Entry{Path: path, Type: tar.TypeLink, Mode: 0o644, Link: target}
-}
-
-// Whiteout returns the OCI whiteout entry that deletes path in lower layers.
-func Whiteout(path string) Entry {
-	return File(filepath.Join(filepath.Dir(path), ".wh."+filepath.Base(path)), 0o644, "")
-}
-
-// Opaque returns the OCI entry that hides everything lower layers put in dir.
-func Opaque(dir string) Entry {
-	return File(filepath.Join(dir, ".wh..wh..opq"), 0o644, "")
-}
-
-// Tar returns the uncompressed tar stream of a layer.
-func (l Layer) Tar() ([]byte, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range l {
-		hdr := &tar.Header{
-			Typeflag: e.Type,
-			Name:     e.Path,
-			Mode:     e.Mode,
-			Uid:      e.UID,
-			Gid:      e.GID,
-			ModTime:  modTime,
-			Format:   tar.FormatPAX,
-		}
-		switch e.Type {
-		case tar.TypeReg:
-			hdr.Size = int64(len(e.Body))
-		case tar.TypeDir:
-			hdr.Name = e.Path + "/"
-		case tar.TypeSymlink, tar.TypeLink:
-			hdr.Linkname = e.Link
-		}
-		if len(e.Xattrs) > 0 {
-			hdr.PAXRecords = map[string]string{}
-			for k, v := range e.Xattrs {
-				hdr.PAXRecords["SCHILY.xattr."+k] = v
-			}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return nil, fmt.Errorf("tar header %s: %w", e.Path, err)
-		}
-		if e.Type == tar.TypeReg {
-			if _, err := tw.Write(e.Body); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
-}
+// The entry constructors of tartest.
+var (
+	Dir      = tartest.Dir
+	File     = tartest.File
+	Symlink  = tartest.Symlink
+	Hardlink = tartest.Hardlink
+	Whiteout = tartest.Whiteout
+	Opaque   = tartest.Opaque
+)
 
 // Build assembles an OCI image (gzip layers) for this machine's platform.
 func Build(spec Spec) (v1.Image, error) {
@@ -162,7 +82,7 @@ func Build(spec Spec) (v1.Image, error) {
 	cfg = cfg.DeepCopy()
 	cfg.OS = "linux"
 	cfg.Architecture = runtime.GOARCH
-	cfg.Created = v1.Time{Time: modTime}
+	cfg.Created = v1.Time{Time: tartest.ModTime}
 	cfg.Config.Env = []string{"PATH=/bin"}
 	cfg.Config.Entrypoint = spec.Entrypoint
 	cfg.Config.Cmd = spec.Cmd

@@ -1,6 +1,6 @@
 //go:build linux
 
-package fuseoverlayfs
+package hostcheck
 
 import (
 	"bufio"
@@ -11,11 +11,12 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
-// minOpenFiles is the RLIMIT_NOFILE under which the host check warns.
+// minOpenFiles is the RLIMIT_NOFILE under which the open-files check warns.
 // One fuse-overlayfs server serves a whole container: it holds a descriptor
 // for every file and directory any process of the container has open through
 // the mount, plus one per layer and the directories it is looking up in
@@ -29,21 +30,49 @@ import (
 // sandbox or PAM set a low hard limit.
 const minOpenFiles = 65536
 
+// openFiles checks the open-files limit the servers get: the probe server's
+// when the probe mount ran, else this process's hard limit, which every
+// server inherits.
+func openFiles(st *state) result {
+	n := st.info.OpenFiles
+	if st.status[CheckProbeMount] != StatusOK {
+		n = hardNoFile()
+	}
+	switch {
+	case n == 0:
+		return warn("cannot read RLIMIT_NOFILE", "")
+	case n < minOpenFiles:
+		return warn(fmt.Sprintf("fuse-overlayfs servers will run with at most %d open files (RLIMIT_NOFILE: they raise their soft limit to the hard limit they inherit), under the recommended %d: containers with many open files will get EMFILE (too many open files)", n, minOpenFiles),
+			"raise the limit of containerd (or of containerd-fuse-overlayfs-grpc): LimitNOFILE=1048576 in its systemd unit, or ulimit -n 1048576 before starting it")
+	}
+	return ok("fuse-overlayfs servers get RLIMIT_NOFILE " + limitString(n))
+}
+
+func hardNoFile() uint64 {
+	var lim unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) != nil {
+		return 0
+	}
+	return lim.Max
+}
+
+func limitString(n uint64) string {
+	if n == unix.RLIM_INFINITY {
+		return "unlimited"
+	}
+	return strconv.FormatUint(n, 10)
+}
+
 // serverOpenFiles returns the open-files limit of the fuse-overlayfs process
 // serving target. fuse-overlayfs raises its soft limit to the hard one at
 // start, so this is what every server the snapshotter starts gets, whatever
 // containerd's own soft limit. When the server cannot be found (a /proc that
-// hides other processes), it falls back to this process's hard limit, which
-// every server inherits.
+// hides other processes), it falls back to this process's hard limit.
 func serverOpenFiles(target string) uint64 {
-	if n, ok := fuseServerLimit(target); ok {
+	if n, found := fuseServerLimit(target); found {
 		return n
 	}
-	var lim unix.Rlimit
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-		return 0
-	}
-	return lim.Max
+	return hardNoFile()
 }
 
 // fuseServerLimit finds the fuse-overlayfs process whose command line names
@@ -56,7 +85,7 @@ func fuseServerLimit(target string) (uint64, bool) {
 			continue
 		}
 		argv0, _, _ := bytes.Cut(cmd, []byte{0})
-		if filepath.Base(string(argv0)) != "fuse-overlayfs" {
+		if filepath.Base(string(argv0)) != layout.ServerComm {
 			continue
 		}
 		if n, err := softOpenFiles(filepath.Join(p, "limits")); err == nil {
@@ -75,8 +104,8 @@ func softOpenFiles(path string) (uint64, error) {
 	}
 	s := bufio.NewScanner(bytes.NewReader(data))
 	for s.Scan() {
-		rest, ok := strings.CutPrefix(s.Text(), "Max open files")
-		if !ok {
+		rest, found := strings.CutPrefix(s.Text(), "Max open files")
+		if !found {
 			continue
 		}
 		fields := strings.Fields(rest)
@@ -89,18 +118,4 @@ func softOpenFiles(path string) (uint64, error) {
 		return strconv.ParseUint(fields[0], 10, 64)
 	}
 	return 0, fmt.Errorf("no open-files limit in %s", path)
-}
-
-// warnOpenFiles logs a warning when n, the open-files limit fuse-overlayfs
-// servers run with, is under minOpenFiles: the snapshotter works, but busy
-// containers will see EMFILE.
-func warnOpenFiles(n uint64) {
-	if n == 0 || n >= minOpenFiles {
-		return
-	}
-	log.L.WithField("limit", n).WithField("recommended", minOpenFiles).Warnf(
-		"fuse-overlayfs servers will run with at most %d open files (RLIMIT_NOFILE: they raise their soft limit to the hard limit they inherit), under the recommended %d: "+
-			"containers with many open files will get EMFILE (too many open files). Raise the limit of containerd "+
-			"(or of containerd-fuse-overlayfs-grpc): LimitNOFILE=1048576 in its systemd unit, or ulimit -n 1048576 before starting it",
-		n, minOpenFiles)
 }

@@ -1,6 +1,6 @@
 //go:build linux
 
-package fuseoverlayfs
+package hostcheck
 
 import (
 	"context"
@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 	"golang.org/x/sys/unix"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// checkChild sets RLIMIT_NOFILE, runs Check (its log goes to stderr) and
+// checkChild sets RLIMIT_NOFILE, runs Require (its log goes to stderr) and
 // prints the open-files limit it found on stdout.
 func checkChild(spec string) int {
 	var soft, hard uint64
@@ -44,7 +44,7 @@ func checkChild(spec string) int {
 		fmt.Fprintln(os.Stderr, "setrlimit:", err)
 		return 2
 	}
-	info, err := Check(root)
+	info, err := Require(root)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "check:", err)
 		return 1
@@ -55,7 +55,7 @@ func checkChild(spec string) int {
 
 // TestOpenFilesWarning runs the host check in a child with lowered
 // open-files limits, which the probe's fuse-overlayfs server inherits. With
-// a hard limit under the threshold Check reports it and logs the warning
+// a hard limit under the threshold Require reports it and logs the warning
 // with how to raise it. With a low soft limit only, it reports the hard
 // limit (fuse-overlayfs raises its soft limit to it) and warns only if that
 // is low.
@@ -71,7 +71,7 @@ func TestOpenFilesWarning(t *testing.T) {
 
 	got, logs := checkWithLimit(t, 1024, 2048)
 	if got != 2048 {
-		t.Errorf("hard limit 2048: Check reports %d open files", got)
+		t.Errorf("hard limit 2048: Require reports %d open files", got)
 	}
 	for _, want := range []string{"at most 2048 open files", "recommended " + strconv.Itoa(minOpenFiles), "EMFILE", "LimitNOFILE=", "ulimit -n", "level=warning"} {
 		if !strings.Contains(logs, want) {
@@ -81,7 +81,7 @@ func TestOpenFilesWarning(t *testing.T) {
 
 	got, logs = checkWithLimit(t, 1024, cur.Max)
 	if got != cur.Max {
-		t.Errorf("soft 1024, hard %d: Check reports %d open files", cur.Max, got)
+		t.Errorf("soft 1024, hard %d: Require reports %d open files", cur.Max, got)
 	}
 	if warned := strings.Contains(logs, "open files (RLIMIT_NOFILE"); warned != (cur.Max < minOpenFiles) {
 		t.Errorf("hard limit %d, threshold %d: warned %v; log:\n%s", cur.Max, minOpenFiles, warned, logs)
@@ -145,7 +145,7 @@ func TestFuseServerLimit(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	m := mount.Mount{Type: MountType, Source: "overlay", Options: []string{"lowerdir=" + lower}}
+	m := layout.Overlay([]string{lower}, "", "")
 	if err := m.Mount(target); err != nil {
 		t.Fatal(err)
 	}

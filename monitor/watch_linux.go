@@ -1,10 +1,9 @@
 //go:build linux
 
-package fuseoverlayfs
+package monitor
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -15,10 +14,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/log"
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // watcher notices fuse-overlayfs servers of this snapshotter's mounts that
@@ -29,7 +28,8 @@ import (
 // pidfd per server (readable when the process exits). /proc is scanned for
 // new servers only after the mount table changed.
 type watcher struct {
-	o    *snapshotter
+	src  Source
+	root layout.Root
 	ep   int
 	mi   int // /proc/self/mountinfo, a raw descriptor: Go's poller must not consume its events
 	wake [2]int
@@ -54,12 +54,12 @@ type watchStats struct{ live, dead, servers, rss, fds float64 }
 // and again later, since fuse-overlayfs forks its server after mounting.
 var rescanDelays = []time.Duration{200 * time.Millisecond, time.Second, 3 * time.Second}
 
-func startWatcher(o *snapshotter) (*watcher, error) {
+func startWatcher(src Source) (*watcher, error) {
 	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
-	w := &watcher{o: o, ep: ep, mi: -1, servers: map[int]*server{}, dead: map[string]bool{}, done: make(chan struct{})}
+	w := &watcher{src: src, root: layout.Root(src.Root), ep: ep, mi: -1, servers: map[int]*server{}, dead: map[string]bool{}, done: make(chan struct{})}
 	fail := func(err error) (*watcher, error) {
 		w.closeFDs()
 		return nil, err
@@ -176,7 +176,7 @@ func (w *watcher) scan() {
 			continue
 		}
 		comm, err := os.ReadFile(p + "/comm")
-		if err != nil || string(bytes.TrimSpace(comm)) != "fuse-overlayfs" {
+		if err != nil || string(bytes.TrimSpace(comm)) != layout.ServerComm {
 			continue
 		}
 		s, ok := w.parseServer(pid)
@@ -240,7 +240,7 @@ func (w *watcher) parseCmdline(pid int, args []string) (*server, bool) {
 				dir, _, _ = strings.Cut(v, ":")
 			}
 		}
-		if id, ok := w.o.root.LayerID(dir); ok {
+		if id, ok := w.root.LayerID(dir); ok {
 			s.id = id
 		}
 	}
@@ -260,13 +260,13 @@ func (w *watcher) exited(fd int) bool {
 	if s == nil || !isMounted(s.mountpoint) {
 		return false // unmounted first, as on every normal stop
 	}
-	if !isDisconnected(s.mountpoint) {
+	if !Disconnected(s.mountpoint) {
 		return true
 	}
 	w.mu.Lock()
 	w.dead[s.mountpoint] = true
 	w.mu.Unlock()
-	defer deadMountsFound.WithValues("running").Inc()
+	defer DeadMountFound(FoundRunning)
 	log.L.WithFields(log.Fields{
 		"mountpoint": s.mountpoint, "snapshot": w.keyOf(s.id), "snapshot-id": s.id, "pid": s.pid,
 	}).Error("fuse-overlayfs server died under a mounted snapshot: every access to the mount fails with ENOTCONN (transport endpoint is not connected); stop the container using it and start it again (containerd then mounts the snapshot anew)")
@@ -275,15 +275,10 @@ func (w *watcher) exited(fd int) bool {
 
 // keyOf returns the key of the snapshot with ID id, or "" when unknown.
 func (w *watcher) keyOf(id string) string {
-	var key string
-	_ = w.o.ms.WithTransaction(context.Background(), false, func(ctx context.Context) error {
-		ids, err := storage.IDMap(ctx)
-		if err == nil {
-			key = ids[id]
-		}
-		return nil
-	})
-	return key
+	if w.src.KeyOf == nil {
+		return ""
+	}
+	return w.src.KeyOf(id)
 }
 
 // pruneDead forgets dead mounts that are no longer mounted.
@@ -297,40 +292,53 @@ func (w *watcher) pruneDead() {
 	}
 }
 
-func isMounted(mp string) bool {
-	mounts, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(mp))
-	return err == nil && len(mounts) > 0 && mounts[0].FSType == fuseFSType
-}
-
 // stats reads the resident memory and open descriptors of the watched
-// servers from /proc.
+// servers from /proc, and counts their mount points that the mount table
+// lists (live unless found dead): a server whose mount was detached, or two
+// processes of one mount, do not make a live mount.
 func (w *watcher) stats() watchStats {
 	w.mu.Lock()
 	pids := make([]int, 0, len(w.servers))
+	points := map[string]bool{}
 	for _, s := range w.servers {
 		pids = append(pids, s.pid)
+		points[s.mountpoint] = true
 	}
 	st := watchStats{dead: float64(len(w.dead))}
+	for mp := range w.dead {
+		delete(points, mp)
+	}
 	w.mu.Unlock()
+	st.live = float64(countMounted(points))
 	for _, pid := range pids {
-		p := "/proc/" + strconv.Itoa(pid)
-		status, err := os.ReadFile(p + "/status")
-		if err != nil {
-			continue
-		}
-		st.servers++
-		st.live++
-		for _, line := range strings.Split(string(status), "\n") {
-			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-				f := strings.Fields(v)
-				if kb, err := strconv.ParseFloat(f[0], 64); err == nil && len(f) > 0 {
-					st.rss += kb * 1024
-				}
-			}
-		}
-		if fds, err := os.ReadDir(p + "/fd"); err == nil {
-			st.fds += float64(len(fds))
+		if rss, fds, ok := processUsage(pid); ok {
+			st.servers++
+			st.rss += rss
+			st.fds += fds
 		}
 	}
 	return st
+}
+
+// processUsage reads the resident memory (bytes) and the number of open
+// descriptors of process pid; ok is false when it is gone.
+func processUsage(pid int) (rss, fds float64, ok bool) {
+	p := "/proc/" + strconv.Itoa(pid)
+	status, err := os.ReadFile(p + "/status")
+	if err != nil {
+		return 0, 0, false
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, found := strings.CutPrefix(line, "VmRSS:"); found {
+			if f := strings.Fields(v); len(f) > 0 {
+				if kb, err := strconv.ParseFloat(f[0], 64); err == nil {
+					rss += kb * 1024
+				}
+			}
+		}
+	}
+	if entries, err := os.ReadDir(p + "/fd"); err == nil {
+		fds = float64(len(entries))
+	}
+	return rss, fds, true
 }

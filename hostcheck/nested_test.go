@@ -1,6 +1,6 @@
 //go:build linux
 
-package fuseoverlayfs
+package hostcheck
 
 import (
 	"errors"
@@ -17,11 +17,11 @@ import (
 // root, naming it and what is hidden.
 func TestCheckNestedRoots(t *testing.T) {
 	testutil.RequireFUSE(t)
-	if err := Supported(testutil.KernelOverlay(t)); err != nil {
+	if err := requireErr(testutil.KernelOverlay(t)); err != nil {
 		t.Fatalf("root on a kernel overlay: %v", err)
 	}
 	root := testutil.FuseOverlay(t)
-	err := Supported(root)
+	err := requireErr(root)
 	if !errors.Is(err, ErrUnsupported) || !errdefs.IsFailedPrecondition(err) {
 		t.Fatalf("root on a fuse-overlayfs mount: %v, want ErrUnsupported of class failed precondition", err)
 	}
