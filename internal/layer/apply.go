@@ -44,7 +44,6 @@ type writer struct {
 	cache    dirCache
 	rec      records
 	buf      []byte
-	zero     []byte // a zero buffer for sparse writes, made on first use
 
 	layerPath  string               // the layer directory, as the snapshotter named it
 	opaqueDone map[string]bool      // directories whose whiteouts an opaque marker dropped
@@ -89,19 +88,19 @@ func Apply(ctx context.Context, root string, r io.Reader, opts Options) error {
 		}
 		w.rec.load(s)
 	}
-	tr := tar.NewReader(r)
+	tr := newEntryReader(r)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		hdr, err := tr.Next()
+		hdr, body, err := tr.next()
 		if errors.Is(err, io.EOF) {
 			break
 		}
 		if err != nil {
 			return fmt.Errorf("read layer tar: %w", err)
 		}
-		err = w.entry(hdr, tr)
+		err = w.entry(hdr, body)
 		w.cache.release()
 		if err != nil {
 			return fmt.Errorf("apply layer entry %q: %w", hdr.Name, err)

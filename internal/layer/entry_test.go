@@ -113,7 +113,8 @@ func sparseTar(name string, size int64, regions []sparseRegion, oldGNU bool) []b
 }
 
 // TestSparseEntry: a sparse entry of 256 MiB whose tar is a few KB is
-// written sparse (holes stay holes) and reads back right.
+// written sparse (holes stay holes) and reads back right. (Old GNU sparse
+// entries are refused: TestSparseOldGNURefused.)
 func TestSparseEntry(t *testing.T) {
 	testutil.RequireRoot(t)
 	const size = 256 << 20
@@ -122,7 +123,7 @@ func TestSparseEntry(t *testing.T) {
 		{128 << 20, []byte("in the middle...")},
 		{size - 16, []byte("at the very end\n")},
 	}
-	for _, format := range []string{"pax1.0", "oldgnu"} {
+	for _, format := range []string{"pax1.0"} {
 		t.Run(format, func(t *testing.T) {
 			data := sparseTar("sparse", size, regions, format == "oldgnu")
 			t.Logf("tar of %d bytes", len(data))

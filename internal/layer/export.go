@@ -367,14 +367,10 @@ func (e *exporter) entry(d *dirFD, name, rel string, st *unix.Stat_t, hidden boo
 	}
 	if file != nil && hdr.Size > 0 {
 		if e.buf == nil {
-			e.buf = make([]byte, 1<<20)
+			e.buf = make([]byte, exportChunk)
 		}
-		n, err := io.CopyBuffer(e.tw, io.LimitReader(file, hdr.Size), e.buf)
-		if err != nil {
+		if err := exportData(e.ctx, e.tw, file, hdr.Size, e.buf); err != nil {
 			return fmt.Errorf("copy %s: %w", rel, err)
-		}
-		if n != hdr.Size {
-			return fmt.Errorf("copy %s: file shrank from %d to %d bytes while being read", rel, hdr.Size, n)
 		}
 	}
 	return nil

@@ -27,6 +27,7 @@ type ent struct {
 	uid, gid         int
 	xattrs           map[string]string
 	major, minor     int64
+	sparse           *sparseCase // a GNU PAX sparse file (sparse_test.go), written raw
 }
 
 func dir(name string) ent        { return ent{name: name, typ: tar.TypeDir, mode: 0o755} }
@@ -59,6 +60,12 @@ func tarBytesErr(ents []ent) ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, e := range ents {
+		if e.sparse != nil {
+			if err := writeSparseEnt(tw, &buf, e); err != nil {
+				return nil, err
+			}
+			continue
+		}
 		hdr := &tar.Header{
 			Name: e.name, Typeflag: e.typ, Mode: e.mode, Uid: e.uid, Gid: e.gid,
 			Linkname: e.link, ModTime: testTime, Devmajor: e.major, Devminor: e.minor,

@@ -2,7 +2,6 @@ package layer
 
 import (
 	"archive/tar"
-	"bytes"
 	"errors"
 	"io"
 	"os"
@@ -20,7 +19,7 @@ func (w *writer) writeFile(parent *dirFD, base string, hdr *tar.Header, r io.Rea
 	if err != nil {
 		return err
 	}
-	err = w.writeContent(f, r, isSparse(hdr))
+	err = w.writeData(f, r)
 	fd := int(f.Fd())
 	if err == nil {
 		if err = unix.Fchown(fd, hdr.Uid, hdr.Gid); err != nil {
@@ -46,47 +45,22 @@ func (w *writer) writeFile(parent *dirFD, base string, hdr *tar.Header, r io.Rea
 	return parent.setTimes(base, entryTimes(hdr))
 }
 
-// isSparse tells a sparse entry (old GNU, or GNU sparse in PAX records).
-func isSparse(hdr *tar.Header) bool {
-	if hdr.Typeflag == tar.TypeGNUSparse {
-		return true
-	}
-	for k := range hdr.PAXRecords {
-		if strings.HasPrefix(k, "GNU.sparse.") {
-			return true
-		}
-	}
-	return false
-}
-
 // writeContent copies the entry's content into f. The context is checked
-// between chunks, so a cancelled unpack stops inside a big entry too. A
-// sparse entry's holes (which the tar reader gives as zeros) are skipped,
-// not written: a tiny tar must not fill the disk.
-func (w *writer) writeContent(f *os.File, r io.Reader, sparse bool) error {
+// between chunks, so a cancelled unpack stops inside a big entry too.
+// (Sparse entries are written by sparseData.writeTo.)
+func (w *writer) writeContent(f *os.File, r io.Reader) error {
 	if w.buf == nil {
 		w.buf = make([]byte, 1<<20)
 	}
-	if sparse && w.zero == nil {
-		w.zero = make([]byte, len(w.buf))
-	}
-	var off int64
 	for {
 		if err := w.ctx.Err(); err != nil {
 			return err
 		}
 		n, rerr := r.Read(w.buf)
 		if n > 0 {
-			var err error
-			if sparse {
-				err = w.writeSparse(f, w.buf[:n])
-			} else {
-				_, err = f.Write(w.buf[:n])
-			}
-			if err != nil {
+			if _, err := f.Write(w.buf[:n]); err != nil {
 				return err
 			}
-			off += int64(n)
 		}
 		if errors.Is(rerr, io.EOF) {
 			break
@@ -94,31 +68,6 @@ func (w *writer) writeContent(f *os.File, r io.Reader, sparse bool) error {
 		if rerr != nil {
 			return rerr
 		}
-	}
-	if sparse {
-		// A trailing hole: the size comes from truncate, not a write.
-		return f.Truncate(off)
-	}
-	return nil
-}
-
-// sparseBlock is the granularity of holes: a filesystem block.
-const sparseBlock = 4096
-
-// writeSparse writes chunk at f's offset, seeking over whole zero blocks.
-func (w *writer) writeSparse(f *os.File, chunk []byte) error {
-	for len(chunk) > 0 {
-		n := min(sparseBlock, len(chunk))
-		var err error
-		if bytes.Equal(chunk[:n], w.zero[:n]) {
-			_, err = f.Seek(int64(n), io.SeekCurrent)
-		} else {
-			_, err = f.Write(chunk[:n])
-		}
-		if err != nil {
-			return err
-		}
-		chunk = chunk[n:]
 	}
 	return nil
 }
