@@ -312,7 +312,7 @@ func newPropEnv(t *testing.T, unpriv bool) *propEnv {
 	if unpriv {
 		opts = append(opts, WithUnprivilegedForms())
 	}
-	dif := New(e.store, []string{e.root}, opts...)
+	dif := e.differ(opts...)
 	pe := &propEnv{e: e, fast: dif, walk: walking.NewWalkingDiff(e.store), parent: "mid", unpriv: unpriv,
 		baseTars: [][]byte{xtar(t, propBase), xtar(t, propMid)}}
 	e.unpack(t, dif, "base", "", "", pe.baseTars[0])

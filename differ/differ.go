@@ -1,9 +1,10 @@
 // Package differ is a containerd diff plugin implementation for the
 // fuse-overlayfs snapshotter. Its applier writes image layers straight into
-// the snapshot's layer directory instead of pushing every file through a
-// FUSE mount. Its comparer reads the snapshot's upper directory directly
-// (our fast Compare, compare.go) and falls back to containerd's walking
-// differ for mounts it cannot read that way.
+// an active snapshot's layer directory instead of pushing every file
+// through a FUSE mount, and never into a committed layer or a view (see
+// WithSnapshotKinds). Its comparer reads the snapshot's upper directory
+// directly (our fast Compare, compare.go) and falls back to containerd's
+// walking differ for mounts it cannot read that way.
 package differ
 
 import (
@@ -39,6 +40,7 @@ type Differ struct {
 	store    content.Store // where Compare writes diffs (nil with NewApplier)
 	fallback diff.Applier
 	forms    *layer.Forms
+	kinds    map[layout.Root]KindFunc // per root: whether a snapshot is active (owner.go)
 }
 
 // Opt configures a Differ.
@@ -124,12 +126,8 @@ type target struct {
 	idmapped bool
 }
 
-// apply extracts the layer desc into the snapshot the mounts belong to.
-func (d *Differ) apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
-	t, err := d.target(mounts)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
+// apply extracts the layer desc into t, the snapshot the mounts belong to.
+func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
 	if t.idmapped {
 		if d.fallback == nil {
 			return ocispec.Descriptor{}, fmt.Errorf("ID-mapped fuse-overlayfs mount: %w", errdefs.ErrNotImplemented)
@@ -208,8 +206,9 @@ func syncFs(dir string) error {
 // target recognises this snapshotter's mounts: a read-write bind mount of
 // <root>/snapshots/<id>/fs (an active snapshot without parent), or a
 // fuse-overlayfs mount whose upper, work and lower directories all lie in
-// the same root.
-func (d *Differ) target(mounts []mount.Mount) (target, error) {
+// the same root. The snapshot written into must be active (checkActive); a
+// mount that would write anywhere else in a root is refused.
+func (d *Differ) target(ctx context.Context, mounts []mount.Mount) (target, error) {
 	notOurs := func(why string) (target, error) {
 		return target{}, fmt.Errorf("not a fuse-overlayfs snapshot mount (%s): %w", why, errdefs.ErrNotImplemented)
 	}
@@ -228,18 +227,24 @@ func (d *Differ) target(mounts []mount.Mount) (target, error) {
 		}
 		root, id, ok := d.layerOf(m.Source)
 		if !ok {
+			if r, in := d.rootHolding(m.Source); in {
+				return target{}, refuseInRoot("bind source", m.Source, r)
+			}
 			return notOurs("bind source outside the snapshotter roots")
+		}
+		if err := d.checkActive(ctx, root, id, filepath.Clean(m.Source)); err != nil {
+			return target{}, err
 		}
 		return target{dir: filepath.Clean(m.Source), detached: true, state: layer.StateFile(root.Snapshot(id))}, nil
 	case m.Upper == "":
 		return notOurs("no upperdir")
 	}
 	root, id, ok := d.layerOf(m.Upper)
-	if !ok {
-		return notOurs("upperdir outside the snapshotter roots")
+	if !ok || filepath.Clean(m.Work) != root.Work(id) {
+		return d.foreignOverlay(m)
 	}
-	if filepath.Clean(m.Work) != root.Work(id) {
-		return notOurs("workdir not the snapshot's")
+	if err := d.checkActive(ctx, root, id, filepath.Clean(m.Upper)); err != nil {
+		return target{}, err
 	}
 	t := target{dir: filepath.Clean(m.Upper), idmapped: m.IDMapped}
 	for _, l := range m.Lowers {
@@ -253,6 +258,18 @@ func (d *Differ) target(mounts []mount.Mount) (target, error) {
 		t.lowers = append(t.lowers, filepath.Clean(l))
 	}
 	return t, nil
+}
+
+// foreignOverlay declines an overlay whose upper and work directories are
+// not a snapshot's pair, unless either lies in a root: the next differ
+// would write there.
+func (d *Differ) foreignOverlay(m layout.Mount) (target, error) {
+	for _, p := range []struct{ what, dir string }{{"upperdir", m.Upper}, {"workdir", m.Work}} {
+		if r, in := d.rootHolding(p.dir); in {
+			return target{}, refuseInRoot(p.what, p.dir, r)
+		}
+	}
+	return target{}, fmt.Errorf("not a fuse-overlayfs snapshot mount (upperdir and workdir outside the snapshotter roots): %w", errdefs.ErrNotImplemented)
 }
 
 // layerOf tells whether p is a layer directory of one of the roots (and an

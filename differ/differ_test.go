@@ -103,6 +103,17 @@ func newEnv(t *testing.T) *env {
 	return &env{ctx: namespaces.WithNamespace(context.Background(), "test"), root: root, sn: sn, store: store}
 }
 
+// kinds lets a differ ask e's snapshotter which snapshots are active, as
+// the plugin and the gRPC server do.
+func (e *env) kinds() Opt {
+	return WithSnapshotKinds(e.root, e.sn.(fuseoverlayfs.KindLookup).KindByID)
+}
+
+// differ is a Differ for e's root that knows its snapshots' kinds.
+func (e *env) differ(opts ...Opt) *Differ {
+	return New(e.store, []string{e.root}, append(opts, e.kinds())...)
+}
+
 // blob stores tarData gzip-compressed and returns its descriptor and the
 // digest of the uncompressed tar (the diff ID).
 func (e *env) blob(t *testing.T, tarData []byte) (ocispec.Descriptor, digest.Digest) {
@@ -233,7 +244,7 @@ func TestApplySequential(t *testing.T) {
 			if unpriv {
 				opts = append(opts, WithUnprivilegedForms())
 			}
-			dif := New(e.store, []string{e.root}, opts...)
+			dif := e.differ(opts...)
 			var progress []int64
 			m := e.unpack(t, dif, "base", "", "", layerTar(t, base...), diff.WithSyncFs(true),
 				diff.WithProgress(func(_ ocispec.Descriptor, n int64) { progress = append(progress, n) }))
@@ -269,7 +280,7 @@ func TestApplyParallel(t *testing.T) {
 	testutil.RequireFUSE(t)
 	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestApplyParallel") })
 	e := newEnv(t)
-	dif := New(e.store, []string{e.root})
+	dif := e.differ()
 	m := e.unpack(t, dif, "base", "", "", layerTar(t, base...))
 	if m[0].Type != "bind" {
 		t.Fatal(m)
@@ -286,10 +297,12 @@ func TestApplyParallel(t *testing.T) {
 }
 
 // TestForeignMountsDeclined: anything that is not this snapshotter's gets
-// ErrNotImplemented, so the diff service moves on to the next differ.
+// ErrNotImplemented, so the diff service moves on to the next differ. (A
+// mount that would write elsewhere inside the root is refused instead:
+// TestApplyOnlyIntoActive.)
 func TestForeignMountsDeclined(t *testing.T) {
 	e := newEnv(t)
-	dif := New(e.store, []string{e.root})
+	dif := e.differ()
 	mounts, err := e.sn.Prepare(e.ctx, "a", "")
 	if err != nil {
 		t.Fatal(err)
@@ -323,12 +336,9 @@ func TestForeignMountsDeclined(t *testing.T) {
 		"bind elsewhere":      {{Type: "bind", Source: other, Options: []string{"rw", "rbind"}}},
 		"bind other root":     {{Type: "bind", Source: fake, Options: []string{"rw", "rbind"}}},
 		"read-only bind":      {{Type: "bind", Source: own, Options: []string{"ro", "rbind"}}},
-		"bind of parent dir":  {{Type: "bind", Source: filepath.Dir(own), Options: []string{"rw", "rbind"}}},
-		"dotdot bind":         {{Type: "bind", Source: own + "/../../1/fs/..", Options: []string{"rw", "rbind"}}},
 		"two mounts":          {mounts[0], mounts[0]},
 		"no mounts":           nil,
 		"fuse upper outside":  {{Type: fuseoverlayfs.MountType, Source: "overlay", Options: []string{opt("lowerdir="), "upperdir=" + fake, "workdir=" + other}}},
-		"fuse workdir wrong":  {{Type: fuseoverlayfs.MountType, Source: "overlay", Options: []string{opt("lowerdir="), opt("upperdir="), "workdir=" + other}}},
 		"fuse lower outside":  {{Type: fuseoverlayfs.MountType, Source: "overlay", Options: []string{"lowerdir=" + other, opt("upperdir="), opt("workdir=")}}},
 		"fuse read-only view": {{Type: fuseoverlayfs.MountType, Source: "overlay", Options: []string{opt("lowerdir=")}}},
 		"fuse id-mapped":      {{Type: fuseoverlayfs.MountType, Source: "overlay", Options: append(append([]string{}, ofs[0].Options...), "uidmapping=0:1000:1", "gidmapping=0:1000:1")}},
@@ -355,7 +365,7 @@ func TestForeignMountsDeclined(t *testing.T) {
 // invalid by Apply and Compare, and nothing is written anywhere.
 func TestSmuggledMountsRefused(t *testing.T) {
 	e := newEnv(t)
-	dif := New(e.store, []string{e.root})
+	dif := e.differ()
 	if _, err := e.sn.Prepare(e.ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -398,7 +408,7 @@ func TestSmuggledMountsRefused(t *testing.T) {
 func TestCompareIsWalking(t *testing.T) {
 	testutil.RequireRoot(t)
 	e := newEnv(t)
-	dif := New(e.store, []string{e.root})
+	dif := e.differ()
 	lower, upper := t.TempDir(), t.TempDir()
 	if err := os.WriteFile(filepath.Join(upper, "new"), []byte("n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -432,7 +442,7 @@ func TestApplierOnly(t *testing.T) {
 	testutil.RequireFUSE(t)
 	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestApplierOnly") })
 	e := newEnv(t)
-	dif := NewApplier(readOnly{e.store}, []string{e.root})
+	dif := NewApplier(readOnly{e.store}, []string{e.root}, e.kinds())
 	e.unpack(t, dif, "base", "", "", layerTar(t, base...))
 	e.unpack(t, dif, "upper", "base", "", layerTar(t, upper...))
 	checkStack(t, e.view(t, "upper"))

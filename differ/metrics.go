@@ -52,17 +52,22 @@ func init() {
 	metrics.Register(ns)
 }
 
-// Apply extracts the layer desc into the snapshot the mounts belong to, and
-// counts it.
+// Apply extracts the layer desc into the active snapshot the mounts belong
+// to, and counts it. Mounts that are not this snapshotter's get
+// errdefs.ErrNotImplemented; mounts that would write into a committed
+// snapshot, a view or any other path in a root get
+// errdefs.ErrFailedPrecondition (owner.go).
 func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	t, err := d.target(ctx, mounts)
+	if err != nil {
+		return ocispec.Descriptor{}, err // declined (not ours) or refused
+	}
 	path := "direct"
-	if t, err := d.target(mounts); err != nil {
-		return d.apply(ctx, desc, mounts, opts...) // declined: not ours
-	} else if t.idmapped {
+	if t.idmapped {
 		path = "fallback"
 	}
 	start := time.Now()
-	out, err := d.apply(ctx, desc, mounts, opts...)
+	out, err := d.apply(ctx, t, desc, mounts, opts...)
 	if path == "fallback" && d.fallback == nil {
 		return out, err // declined too
 	}

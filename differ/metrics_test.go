@@ -78,7 +78,7 @@ func TestCompareMetrics(t *testing.T) {
 	testutil.RequireFUSE(t)
 	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestCompareMetrics") })
 	e := newEnv(t)
-	dif := New(e.store, []string{e.root})
+	dif := e.differ()
 	e.unpack(t, dif, "base", "", "", layerTar(t, base...))
 	upper, err := e.sn.Prepare(e.ctx, "ctr", "base")
 	if err != nil {

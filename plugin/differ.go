@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
 
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/differ"
 )
 
@@ -50,16 +51,31 @@ func initDiffer(ic *plugin.InitContext) (any, error) {
 	} else if !errors.Is(err, plugin.ErrPluginNotFound) {
 		return nil, err
 	}
-	var roots []string
-	if p := ic.Plugins().Get(plugins.SnapshotPlugin, ID); p != nil && p.Err() == nil {
-		if root := p.Meta.Exports[plugins.SnapshotterRootDir]; root != "" {
-			roots = append(roots, root)
-		}
-	}
-	if len(roots) == 0 {
+	cs := db.ContentStore()
+	opts := []differ.Opt{differ.WithFallback(apply.NewFileSystemApplierWithMountManager(cs, mm))}
+	roots, kinds := snapshotterRoot(ic)
+	if kinds != nil {
+		opts = append(opts, kinds)
+	} else {
 		log.G(ic.Context).Warn("fuse-overlayfs differ: the fuse-overlayfs snapshotter is not loaded; the differ declines every mount")
 	}
 	ic.Meta.Platforms = append(ic.Meta.Platforms, platforms.DefaultSpec())
-	cs := db.ContentStore()
-	return differ.New(cs, roots, differ.WithFallback(apply.NewFileSystemApplierWithMountManager(cs, mm))), nil
+	return differ.New(cs, roots, opts...), nil
+}
+
+// snapshotterRoot returns the loaded snapshotter's root and the option that
+// lets the differ ask it which snapshots are active, so that Apply writes
+// only into those; nothing if the snapshotter did not load.
+func snapshotterRoot(ic *plugin.InitContext) ([]string, differ.Opt) {
+	p := ic.Plugins().Get(plugins.SnapshotPlugin, ID)
+	if p == nil || p.Err() != nil {
+		return nil, nil
+	}
+	root := p.Meta.Exports[plugins.SnapshotterRootDir]
+	inst, err := p.Instance()
+	kl, ok := inst.(fuseoverlayfs.KindLookup)
+	if root == "" || err != nil || !ok {
+		return nil, nil
+	}
+	return []string{root}, differ.WithSnapshotKinds(root, kl.KindByID)
 }

@@ -12,25 +12,32 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/diff/apply"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 
+	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/differ"
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // diffServer returns containerd's diff API served by our differ for the
 // snapshotter rooted at root, reading layers through blobs. Apply writes
-// layers of this root's snapshots straight into their layer directories;
+// layers of this root's active snapshots (as sn tells them) straight
+// into their layer directories, and refuses any other directory of the root;
 // other mounts get errdefs.ErrNotImplemented, which reaches containerd as
 // gRPC's Unimplemented and back as ErrNotImplemented, so its diff service
 // goes on to its next differ. Compare is not implemented (see
 // differ.NewApplier): containerd's walking differ computes diffs.
-func diffServer(root string, blobs content.Provider) diffapi.DiffServer {
-	d := differ.NewApplier(blobs, []string{root}, differ.WithFallback(throughMount{apply.NewFileSystemApplier(blobs)}))
+func diffServer(root string, sn snapshots.Snapshotter, blobs content.Provider) diffapi.DiffServer {
+	opts := []differ.Opt{differ.WithFallback(throughMount{apply.NewFileSystemApplier(blobs)})}
+	if kl, ok := sn.(fuseoverlayfs.KindLookup); ok {
+		opts = append(opts, differ.WithSnapshotKinds(root, kl.KindByID))
+	}
+	d := differ.NewApplier(blobs, []string{root}, opts...)
 	return diffservice.FromApplierAndComparer(loggingApplier{d}, d)
 }
 

@@ -45,12 +45,26 @@ func assertEmptyDir(t *testing.T, dir string) {
 	}
 }
 
+// assertOnly fails unless dir holds exactly the file name, of content "x".
+func assertOnly(t *testing.T, dir, name string) {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil || len(entries) != 1 || entries[0].Name() != name {
+		t.Errorf("%s: %v, %v; want only %s", dir, entries, err, name)
+		return
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, name)); err != nil || string(b) != "x" {
+		t.Errorf("%s/%s: %q, %v; want \"x\"", dir, name, b, err)
+	}
+}
+
 // TestHostileDiffRequests sends the diff API of a started server requests
 // a caller could forge: mounts of this snapshotter's type with a smuggled
-// option, with an upper directory outside the root or of another snapshot,
-// a traversing bind source, and blobs that are links or FIFOs. Each gets
-// the gRPC code containerd acts on and a message naming what was wrong;
-// nothing is written outside the root nor into the other snapshot, and
+// option, with an upper directory outside the root, of another snapshot or
+// of a committed one, a bind of a committed layer, a traversing bind
+// source, and blobs that are links or FIFOs. Each gets the gRPC code
+// containerd acts on and a message naming what was wrong; nothing is
+// written outside the root, into the other snapshot nor into the layer, and
 // the server goes on serving a good request afterwards.
 func TestHostileDiffRequests(t *testing.T) {
 	testutil.RequireFUSE(t)
@@ -97,6 +111,10 @@ func TestHostileDiffRequests(t *testing.T) {
 		t.Fatalf("victim mounts %v: %v", victim, err)
 	}
 	a := active[0]
+	baseFS := baseMounts[0].Source
+	baseID := filepath.Base(filepath.Dir(baseFS))
+	// What the hostile requests carry: a file no layer of the test has.
+	planted, _ := putLayer(t, contentRoot, tarEntry{name: "planted", body: "x", typ: tar.TypeReg})
 
 	for _, tc := range []struct {
 		name   string
@@ -114,16 +132,20 @@ func TestHostileDiffRequests(t *testing.T) {
 		{"upperdir with a traversal", []mount.Mount{withOption(a, "upperdir", "upperdir="+victimM.Upper+"/../../../../outside/fs")},
 			errdefs.IsInvalidArgument, "InvalidArgument", "upperdir="},
 		{"upperdir outside the root", []mount.Mount{withOption(withOption(a, "upperdir", "upperdir="+outside+"/fs"), "workdir", "workdir="+outside+"/work")},
-			errdefs.IsNotImplemented, "Unimplemented", "upperdir outside the snapshotter roots"},
+			errdefs.IsNotImplemented, "Unimplemented", "upperdir and workdir outside the snapshotter roots"},
 		{"upperdir of another snapshot", []mount.Mount{withOption(a, "upperdir", "upperdir="+victimM.Upper)},
-			errdefs.IsNotImplemented, "Unimplemented", "workdir not the snapshot's"},
+			errdefs.IsFailedPrecondition, "FailedPrecondition", "upperdir " + victimM.Upper + " lies in the fuse-overlayfs snapshotter root"},
+		{"upperdir of a committed snapshot", []mount.Mount{withOption(withOption(a, "upperdir", "upperdir="+baseFS), "workdir", "workdir="+filepath.Join(filepath.Dir(baseFS), "work"))},
+			errdefs.IsFailedPrecondition, "FailedPrecondition", baseFS + ": snapshot " + baseID + " is Committed, not active"},
+		{"bind of a committed snapshot", baseMounts,
+			errdefs.IsFailedPrecondition, "FailedPrecondition", baseFS + ": snapshot " + baseID + " is Committed, not active"},
 		{"bind of a directory outside", []mount.Mount{{Type: "bind", Source: outside + "/fs", Options: []string{"rw", "rbind"}}},
 			errdefs.IsNotImplemented, "Unimplemented", "bind source outside the snapshotter roots"},
 		{"bind source traversing out", []mount.Mount{{Type: "bind", Source: baseMounts[0].Source + "/../../../../outside/fs", Options: []string{"rw", "rbind"}}},
 			errdefs.IsNotImplemented, "Unimplemented", "bind source outside the snapshotter roots"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := d.Apply(ctx, desc, tc.mounts)
+			_, err := d.Apply(ctx, planted, tc.mounts)
 			if !tc.is(err) || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("Apply: got %v, want %s naming %q", err, tc.code, tc.want)
 			}
@@ -132,6 +154,7 @@ func TestHostileDiffRequests(t *testing.T) {
 			}
 			assertEmptyDir(t, filepath.Join(outside, "fs"))
 			assertEmptyDir(t, victimM.Upper)
+			assertOnly(t, baseFS, "pwned")
 		})
 	}
 

@@ -50,16 +50,17 @@ func checkMetricsAddress(addr string) error {
 
 // serveMetrics serves the default Prometheus registry (the snapshotter's and
 // the differ's metrics, Go runtime and process metrics) on addr at
-// /v1/metrics. The returned function stops it.
+// /v1/metrics. A unix socket is made as listen makes the main socket (mode
+// 0600 in a checked 0700 directory). The returned function stops it.
 func serveMetrics(addr string) (func(), error) {
 	monitor.Register()
 	var l net.Listener
 	var err error
 	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
-		if st, serr := os.Lstat(p); serr == nil && st.Mode()&os.ModeSocket != 0 {
-			_ = os.Remove(p) // ours, left by a server that died
-		}
-		l, err = net.Listen("unix", p)
+		// The same checks and binding as the main socket: the metrics
+		// tell who runs what, and a stale socket is replaced only when
+		// no server answers on it.
+		l, err = listen(p)
 	} else {
 		l, err = net.Listen("tcp", addr)
 	}

@@ -108,7 +108,7 @@ func startMetrics(ctx context.Context, addr string) (func(), error) {
 func newGRPCServer(sn snapshots.Snapshotter, cfg serverConfig) *grpc.Server {
 	srv := grpc.NewServer(grpc.UnaryInterceptor(logDiffMetadata))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-	diffapi.RegisterDiffServer(srv, diffServer(cfg.RootPath, contentDir{cfg.ContentDir}))
+	diffapi.RegisterDiffServer(srv, diffServer(cfg.RootPath, sn, contentDir{cfg.ContentDir}))
 	return srv
 }
 
