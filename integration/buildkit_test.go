@@ -1,0 +1,256 @@
+package integration
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
+	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+)
+
+// buildFiles is how many files the test builds write or copy: enough for
+// several directories, small enough for CI (make bench-build uses 20,000).
+const buildFiles = 300
+
+// buildTreeSnapshotters are the snapshotters every built image is run on;
+// its tree must be the same on each.
+var buildTreeSnapshotters = []string{sn, "overlayfs", "native"}
+
+// buildkitEnv is a test's containerd with a buildkitd whose containerd
+// worker builds on fuse-overlayfs, and the base image in the registry.
+type buildkitEnv struct {
+	*env
+	bk   *harness.Buildkitd
+	base string // the base image's reference
+}
+
+// newBuildkitEnv starts containerd, pushes the base image and starts
+// buildkitd (stopped by its PID before containerd stops).
+func newBuildkitEnv(t *testing.T) *buildkitEnv {
+	t.Helper()
+	e := newEnv(t)
+	spec, err := harness.BuildBase(e.fx.probe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, err := images.Push(e.fx.registry.Addr, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bk, err := harness.StartBuildkitd(e.ctx, harness.BuildkitOptions{
+		Dir: filepath.Join(e.dir, "bk"), Containerd: e.c.Address, Registry: e.fx.registry.Addr,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("buildkitd pid %d", bk.PID())
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("buildkitd log tail:\n%s", bk.LogTail(20))
+		}
+		if err := bk.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &buildkitEnv{env: e, bk: bk, base: base}
+}
+
+// TestBuildKit builds, with buildctl and BuildKit's containerd worker on
+// fuse-overlayfs, the four builds of issue 17 (RUN writing files, COPY of a
+// context, multi-stage COPY --from, deletions with a directory removed and
+// re-created over lower content), pushes each image to the registry and
+// runs it on fuse-overlayfs, overlayfs and native: the tree inside the
+// container must be the same on all three and hold what the Dockerfile
+// says. Every exported layer must have gone through our Compare (the
+// diff-service default of config/containerd.toml).
+func TestBuildKit(t *testing.T) {
+	e := newBuildkitEnv(t)
+	cases := harness.BuildCases(e.base, buildFiles)
+	for _, bc := range cases {
+		t.Run(bc.Name, func(t *testing.T) {
+			dir := filepath.Join(e.dir, "ctx-"+bc.Name)
+			if err := bc.WriteContext(dir); err != nil {
+				t.Fatal(err)
+			}
+			ref := e.fx.registry.Addr + "/built/" + bc.Name + ":1"
+			if out, err := e.bk.Build(e.ctx, dir, "type=image,name="+ref+",push=true"); err != nil {
+				t.Fatal(err)
+			} else {
+				t.Logf("buildctl build:\n%s", lastLines(out, 8))
+			}
+			tree := e.sameTreeEverywhere(t, ref)
+			checkBuild(t, bc, dir, tree)
+		})
+	}
+	// One layer per RUN or COPY of the final stages: 1 + 1 + 2 + 3.
+	const layers = 7
+	if n := strings.Count(e.c.LogTail(1<<30), "diff written from the upper directory"); n < layers {
+		t.Errorf("%d exported layers were written by our Compare, want at least %d (the diff-service default in config/containerd.toml routes exports to the fuse-overlayfs differ)", n, layers)
+	}
+}
+
+// TestNerdctlBuild builds an image as a user types it, in the context
+// directory, `nerdctl build --buildkit-host unix://... -t IMG .`, and runs
+// it with nerdctl on fuse-overlayfs. In the worker's namespace (buildkit)
+// nerdctl has BuildKit store and unpack the image in containerd; in
+// another one it loads the image from a tar BuildKit writes.
+func TestNerdctlBuild(t *testing.T) {
+	e := newBuildkitEnv(t)
+	dir := filepath.Join(e.dir, "nerdctl-ctx")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dockerfile := fmt.Sprintf("FROM %s\nCOPY hello.txt /hello.txt\nRUN rm -rf /base/opq && mkdir /base/opq && echo built > /base/opq/only\n", e.base)
+	for name, body := range map[string]string{"Dockerfile": dockerfile, "hello.txt": "hello from the context\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, ns := range []string{"buildkit", "nerdctl-build"} {
+		t.Run(ns, func(t *testing.T) {
+			const img = "example.test/nerdctl-build:1"
+			global := []string{"--snapshotter", sn, "--insecure-registry"}
+			out, err := e.c.NerdctlIn(e.ctx, dir, ns, append(global, "build", "--buildkit-host", e.bk.Address, "-t", img, ".")...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("nerdctl build:\n%s", lastLines(out, 8))
+			got := e.nerdctl(ns, append(global, "run", "--rm", "--net", "none", img, "cat", "/hello.txt", "/base/opq/only")...)
+			if want := "hello from the context\nbuilt\n"; got != want {
+				t.Fatalf("nerdctl run %s: got %q, want %q", img, got, want)
+			}
+			got = e.nerdctl(ns, append(global, "run", "--rm", "--net", "none", img, "ls", "/base/opq")...)
+			if got != "only\n" {
+				t.Fatalf("/base/opq in the built image holds %q, want only the re-created file", got)
+			}
+			e.nerdctl(ns, append(global, "rmi", img)...)
+		})
+	}
+}
+
+// sameTreeEverywhere pulls ref for each of buildTreeSnapshotters, dumps
+// the tree seen inside a container on each, fails t unless they are
+// equal, and returns the native one (path -> fields).
+func (e *buildkitEnv) sameTreeEverywhere(t *testing.T, ref string) map[string][]string {
+	t.Helper()
+	trees := map[string][]string{}
+	for _, snapshotter := range buildTreeSnapshotters {
+		e.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
+		id := "build-tree-" + snapshotter
+		out := e.ctr("run", "--rm", "--snapshotter", snapshotter, ref, id, images.ProbePath, "treedump", "/")
+		trees[snapshotter] = treeLines(out)
+	}
+	for _, snapshotter := range buildTreeSnapshotters[:2] {
+		if diff := diffLines(trees["native"], trees[snapshotter]); diff != "" {
+			t.Errorf("tree of %s on %s differs from native (- native, + %s):\n%s", ref, snapshotter, snapshotter, diff)
+		}
+	}
+	e.ctr("images", "rm", "--sync", ref)
+	entries := map[string][]string{}
+	for _, l := range trees["native"] {
+		f := strings.Fields(l)
+		entries[strings.Trim(f[0], `"`)] = f[1:]
+	}
+	return entries
+}
+
+// checkBuild asserts what bc's Dockerfile must have produced, so that
+// equal trees cannot pass with all of them wrong the same way.
+func checkBuild(t *testing.T, bc harness.BuildCase, dir string, tree map[string][]string) {
+	t.Helper()
+	switch bc.Name {
+	case "run":
+		assertFileCount(t, tree, "/out/", buildFiles)
+	case "copy":
+		assertFileCount(t, tree, "/ctx/", buildFiles)
+		for _, f := range []string{"d1/f1", "d2/f37", "d3/f100"} {
+			data, err := os.ReadFile(filepath.Join(dir, "ctx", f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sum := sha256.Sum256(data)
+			assertEntry(t, tree, "/ctx/"+f, "file", "0644", "0", "0", fmt.Sprint(len(data)), hex.EncodeToString(sum[:]))
+		}
+	case "multistage":
+		assertFileCount(t, tree, "/copied/", buildFiles-1)
+		assertAbsent(t, tree, "/copied/d1/f1", "/gen")
+		assertEntry(t, tree, "/copied/d3/f100", "file", "0644", "0", "0", fmt.Sprint(len("3 100\n")))
+	case "delete":
+		if got := children(tree, "/base/opq/"); strings.Join(got, " ") != "/base/opq/only" {
+			t.Errorf("/base/opq holds %v, want only /base/opq/only (the base's %d files removed with it)", got, harness.OpaqueFiles)
+		}
+		assertEntry(t, tree, "/base/opq", "dir", "0755")
+		assertEntry(t, tree, "/base/opq/only", "file", "0644", "0", "0", "0")
+		assertAbsent(t, tree, "/base/keep/k1", "/base/keep/k2", "/base/gone", "/base/gone/sub/f")
+		assertEntry(t, tree, "/base/keep/k3", "file", "0644", "0", "0", fmt.Sprint(len("changed\n")))
+		assertEntry(t, tree, "/base/keep/newdir/file", "file", "0644", "0", "0", fmt.Sprint(len("new\n")))
+		assertFileCount(t, tree, "/base/keep/", harness.KeepFiles-2+1)
+	default:
+		t.Fatalf("no check for build %q", bc.Name)
+	}
+}
+
+// children returns the entries directly below dir (which ends in "/").
+func children(tree map[string][]string, dir string) []string {
+	var out []string
+	for p := range tree {
+		if rest, ok := strings.CutPrefix(p, dir); ok && rest != "" && !strings.Contains(rest, "/") {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// assertFileCount checks the number of regular files below dir.
+func assertFileCount(t *testing.T, tree map[string][]string, dir string, want int) {
+	t.Helper()
+	n := 0
+	for p, f := range tree {
+		if strings.HasPrefix(p, dir) && f[0] == "file" {
+			n++
+		}
+	}
+	if n != want {
+		t.Errorf("%d files below %s, want %d", n, dir, want)
+	}
+}
+
+// assertEntry checks the first fields of path's tree line (type, mode,
+// uid, gid, size, sha256).
+func assertEntry(t *testing.T, tree map[string][]string, path string, want ...string) {
+	t.Helper()
+	got, ok := tree[path]
+	if !ok {
+		t.Errorf("%s missing from the built image", path)
+		return
+	}
+	for i, w := range want {
+		if i >= len(got) || got[i] != w {
+			t.Errorf("%s: got %v, want fields %v", path, got, want)
+			return
+		}
+	}
+}
+
+func assertAbsent(t *testing.T, tree map[string][]string, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		if _, ok := tree[p]; ok {
+			t.Errorf("%s is in the built image; the Dockerfile deleted it", p)
+		}
+	}
+}
+
+// lastLines returns the last n lines of s, for the log.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
