@@ -30,8 +30,9 @@ type buildkitEnv struct {
 }
 
 // newBuildkitEnv starts containerd, pushes the base image and starts
-// buildkitd (stopped by its PID before containerd stops).
-func newBuildkitEnv(t *testing.T) *buildkitEnv {
+// buildkitd (stopped by its PID before containerd stops); rootless: inside
+// the rootless tests' RootlessKit, with BuildKit's rootless worker mode.
+func newBuildkitEnv(t *testing.T, rootless bool) *buildkitEnv {
 	t.Helper()
 	e := newEnv(t)
 	spec, err := harness.BuildBase(e.fx.probe)
@@ -43,7 +44,7 @@ func newBuildkitEnv(t *testing.T) *buildkitEnv {
 		t.Fatal(err)
 	}
 	bk, err := harness.StartBuildkitd(e.ctx, harness.BuildkitOptions{
-		Dir: filepath.Join(e.dir, "bk"), Containerd: e.c.Address, Registry: e.fx.registry.Addr,
+		Dir: filepath.Join(e.dir, "bk"), Containerd: e.c.Address, Registry: e.fx.registry.Addr, Rootless: rootless,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -69,9 +70,26 @@ func newBuildkitEnv(t *testing.T) *buildkitEnv {
 // says. Every exported layer must have gone through our Compare (the
 // diff-service default of config/containerd.toml).
 func TestBuildKit(t *testing.T) {
-	e := newBuildkitEnv(t)
-	cases := harness.BuildCases(e.base, buildFiles)
-	for _, bc := range cases {
+	newBuildkitEnv(t, false).buildAll(t, buildTreeSnapshotters)
+}
+
+// TestRootlessBuildKit is TestBuildKit as an unprivileged user: containerd
+// and buildkitd (--containerd-worker-rootless) inside RootlessKit, as
+// rootless_test.go runs containerd.
+func TestRootlessBuildKit(t *testing.T) {
+	if !isInner(t) {
+		newRootlessRun(t, []string{"buildkitd", "buildctl"}, true).run()
+		return
+	}
+	innerSetup(t)
+	innerFixture(t)
+	newBuildkitEnv(t, true).buildAll(t, buildTreeSnapshotters)
+}
+
+// buildAll builds the four builds and checks each image's tree on
+// snapshotters (the first must be native's equal, see sameTreeEverywhere).
+func (e *buildkitEnv) buildAll(t *testing.T, snapshotters []string) {
+	for _, bc := range harness.BuildCases(e.base, buildFiles) {
 		t.Run(bc.Name, func(t *testing.T) {
 			dir := filepath.Join(e.dir, "ctx-"+bc.Name)
 			if err := bc.WriteContext(dir); err != nil {
@@ -83,7 +101,7 @@ func TestBuildKit(t *testing.T) {
 			} else {
 				t.Logf("buildctl build:\n%s", lastLines(out, 8))
 			}
-			tree := e.sameTreeEverywhere(t, ref)
+			tree := e.sameTreeEverywhere(t, ref, snapshotters)
 			checkBuild(t, bc, dir, tree)
 		})
 	}
@@ -100,7 +118,7 @@ func TestBuildKit(t *testing.T) {
 // nerdctl has BuildKit store and unpack the image in containerd; in
 // another one it loads the image from a tar BuildKit writes.
 func TestNerdctlBuild(t *testing.T) {
-	e := newBuildkitEnv(t)
+	e := newBuildkitEnv(t, false)
 	dir := filepath.Join(e.dir, "nerdctl-ctx")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -133,20 +151,20 @@ func TestNerdctlBuild(t *testing.T) {
 	}
 }
 
-// sameTreeEverywhere pulls ref for each of buildTreeSnapshotters, dumps
-// the tree seen inside a container on each, fails t unless they are
-// equal, and returns the native one (path -> fields).
-func (e *buildkitEnv) sameTreeEverywhere(t *testing.T, ref string) map[string][]string {
+// sameTreeEverywhere pulls ref for each of snapshotters (native among
+// them), dumps the tree seen inside a container on each, fails t unless
+// they are equal, and returns the native one (path -> fields).
+func (e *buildkitEnv) sameTreeEverywhere(t *testing.T, ref string, snapshotters []string) map[string][]string {
 	t.Helper()
 	trees := map[string][]string{}
-	for _, snapshotter := range buildTreeSnapshotters {
-		e.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref)
+	for _, snapshotter := range snapshotters {
+		e.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, "--platform", "linux/"+goarch(), ref)
 		id := "build-tree-" + snapshotter
-		out := e.ctr("run", "--rm", "--snapshotter", snapshotter, ref, id, images.ProbePath, "treedump", "/")
+		out := e.run("--rm", "--snapshotter", snapshotter, ref, id, images.ProbePath, "treedump", "/")
 		trees[snapshotter] = treeLines(out)
 	}
-	for _, snapshotter := range buildTreeSnapshotters[:2] {
-		if diff := diffLines(trees["native"], trees[snapshotter]); diff != "" {
+	for _, snapshotter := range snapshotters {
+		if diff := diffLines(trees["native"], trees[snapshotter]); snapshotter != "native" && diff != "" {
 			t.Errorf("tree of %s on %s differs from native (- native, + %s):\n%s", ref, snapshotter, snapshotter, diff)
 		}
 	}

@@ -25,6 +25,9 @@ type BuildkitOptions struct {
 	// Registry (host:port), when set, is reached over plain HTTP, for base
 	// images and pushes.
 	Registry string
+	// Rootless runs the worker's containers as rootless ones: for a
+	// buildkitd that is root in a user namespace (RootlessKit).
+	Rootless bool
 }
 
 // Buildkitd is a running buildkitd from bin/.
@@ -105,7 +108,7 @@ func StartBuildkitd(ctx context.Context, opts BuildkitOptions) (*Buildkitd, erro
 // Args returns buildkitd's command line: the configuration file, and the
 // paths it would otherwise take on the host.
 func (b *Buildkitd) Args(opts BuildkitOptions) []string {
-	return []string{
+	args := []string{
 		"--config", b.ConfigPath,
 		"--root", b.Root,
 		"--addr", b.Address,
@@ -117,6 +120,11 @@ func (b *Buildkitd) Args(opts BuildkitOptions) []string {
 		"--containerd-worker-net", "host",
 		"--debug",
 	}
+	if opts.Rootless {
+		// Set at all, even to false, buildkitd wants a user namespace.
+		args = append(args, "--containerd-worker-rootless")
+	}
+	return args
 }
 
 // PID returns buildkitd's process ID.
