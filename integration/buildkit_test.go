@@ -11,6 +11,7 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
+	"github.com/pelletier/go-toml/v2"
 )
 
 // buildFiles is how many files the test builds write or copy: enough for
@@ -129,11 +130,18 @@ func TestNerdctlBuild(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The command docs/building.md shows, with this test's buildkitd and
+	// image name.
+	build := strings.Fields(strings.NewReplacer(docBuildkitAddr, e.bk.Address, docNerdctlImage, "example.test/nerdctl-build:1").
+		Replace(strings.Split(buildingDocBlock(t, "## 3. Building", "sh", 1), "\n")[0]))
+	if len(build) < 2 || build[0] != "nerdctl" {
+		t.Fatalf("docs/building.md: the nerdctl block does not start with a nerdctl command: %q", build)
+	}
 	for _, ns := range []string{"buildkit", "nerdctl-build"} {
 		t.Run(ns, func(t *testing.T) {
 			const img = "example.test/nerdctl-build:1"
 			global := []string{"--snapshotter", sn, "--insecure-registry"}
-			out, err := e.c.NerdctlIn(e.ctx, dir, ns, append(global, "build", "--buildkit-host", e.bk.Address, "-t", img, ".")...)
+			out, err := e.c.NerdctlIn(e.ctx, dir, ns, build[1:]...)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -271,4 +279,93 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// What docs/building.md shows where the tests use their own.
+const (
+	docBuildkitAddr  = "unix:///run/buildkit/buildkitd.sock"
+	docContainerd    = "/run/containerd/containerd.sock"
+	docNerdctlImage  = "app:1"
+	docRegistry      = "127.0.0.1:5000"
+	docBuildctlImage = "registry.example.com/app:1"
+)
+
+// TestBuildingDoc checks that the commands and configuration in
+// docs/building.md are the ones the BuildKit tests run: the diff-service
+// default of config/containerd.toml, buildkitd's worker flags, its
+// registry configuration, and the buildctl command (TestNerdctlBuild runs
+// the nerdctl build line itself).
+func TestBuildingDoc(t *testing.T) {
+	var doc, shipped map[string]any
+	if err := toml.Unmarshal([]byte(buildingDocBlock(t, "## 1. containerd", "toml", 0)), &doc); err != nil {
+		t.Fatalf("docs/building.md, the diff-service block: %v", err)
+	}
+	cfgPath, err := harness.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := toml.Unmarshal(data, &shipped); err != nil {
+		t.Fatal(err)
+	}
+	const diffService = "io.containerd.service.v1.diff-service"
+	docDefault := fmt.Sprint(doc["plugins"].(map[string]any)[diffService])
+	if want := fmt.Sprint(shipped["plugins"].(map[string]any)[diffService]); docDefault != want {
+		t.Errorf("docs/building.md shows the diff service as %s, config/containerd.toml has %s", docDefault, want)
+	}
+	checkWords(t, "buildkitd", buildingDocBlock(t, "## 2. buildkitd", "sh", 0),
+		append([]string{"buildkitd"}, harness.WorkerFlags(docContainerd, sn)...))
+	if got, want := buildingDocBlock(t, "## 2. buildkitd", "toml", 0), harness.BuildkitConfig(docRegistry); got != want {
+		t.Errorf("docs/building.md's buildkitd.toml:\n%s\nthe tests write:\n%s", got, want)
+	}
+	checkWords(t, "buildctl", buildingDocBlock(t, "## 3. Building", "sh", 0),
+		append([]string{"buildctl", "--addr", docBuildkitAddr}, harness.BuildArgs(".", "type=image,name="+docBuildctlImage+",push=true")...))
+}
+
+// checkWords compares a shell command of the doc (lines joined at
+// trailing backslashes) with want, word by word.
+func checkWords(t *testing.T, what, block string, want []string) {
+	t.Helper()
+	got := strings.Fields(strings.ReplaceAll(block, "\\\n", " "))
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("docs/building.md's %s command:\n  %s\nthe tests run:\n  %s", what, strings.Join(got, " "), strings.Join(want, " "))
+	}
+}
+
+// buildingDocBlock returns the text of the n-th (from 0) code block of
+// language lang in the section of docs/building.md under heading.
+func buildingDocBlock(t *testing.T, heading, lang string, n int) string {
+	t.Helper()
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(root, "docs", "building.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(data), "\n"+heading+"\n")
+	if !ok {
+		t.Fatalf("docs/building.md has no heading %q", heading)
+	}
+	if end := strings.Index(section, "\n## "); end >= 0 {
+		section = section[:end]
+	}
+	for i := 0; ; i++ {
+		_, after, ok := strings.Cut(section, "```"+lang+"\n")
+		if !ok {
+			t.Fatalf("docs/building.md: no %s block number %d under %q", lang, n+1, heading)
+		}
+		block, rest, ok := strings.Cut(after, "```")
+		if !ok {
+			t.Fatalf("docs/building.md: unterminated %s block under %q", lang, heading)
+		}
+		if i == n {
+			return block
+		}
+		section = rest
+	}
 }

@@ -113,18 +113,26 @@ func (b *Buildkitd) Args(opts BuildkitOptions) []string {
 		"--root", b.Root,
 		"--addr", b.Address,
 		"--otel-socket-path", filepath.Join(opts.Dir, "otel-grpc.sock"),
-		"--oci-worker=false", "--containerd-worker=true",
-		"--containerd-worker-addr", opts.Containerd,
-		"--containerd-worker-snapshotter", opts.Snapshotter,
 		// RUN steps share the host's network: no CNI plugins needed.
 		"--containerd-worker-net", "host",
 		"--debug",
 	}
+	args = append(args, WorkerFlags(opts.Containerd, opts.Snapshotter)...)
 	if opts.Rootless {
 		// Set at all, even to false, buildkitd wants a user namespace.
 		args = append(args, "--containerd-worker-rootless")
 	}
 	return args
+}
+
+// WorkerFlags are the buildkitd flags that docs/building.md shows: only
+// the containerd worker, on containerd at socket, with snapshotter.
+func WorkerFlags(socket, snapshotter string) []string {
+	return []string{
+		"--oci-worker=false", "--containerd-worker=true",
+		"--containerd-worker-addr", socket,
+		"--containerd-worker-snapshotter", snapshotter,
+	}
 }
 
 // PID returns buildkitd's process ID.
@@ -147,13 +155,18 @@ func (b *Buildkitd) Buildctl(ctx context.Context, args ...string) (string, error
 	return Run(ctx, 20*time.Minute, nil, filepath.Join(b.Bin, "buildctl"), append([]string{"--addr", b.Address}, args...)...)
 }
 
-// Build runs `buildctl build` of the Dockerfile in dir (dir is also the
-// context) with output as its --output, e.g.
-// "type=image,name=REF,push=true".
+// BuildArgs are the arguments of `buildctl build` that docs/building.md
+// shows: the Dockerfile in dir, dir as the context, output as --output.
+func BuildArgs(dir, output string) []string {
+	return []string{"build", "--frontend", "dockerfile.v0",
+		"--local", "context=" + dir, "--local", "dockerfile=" + dir,
+		"--output", output}
+}
+
+// Build runs `buildctl build` (BuildArgs) of the Dockerfile in dir with
+// output as its --output, e.g. "type=image,name=REF,push=true".
 func (b *Buildkitd) Build(ctx context.Context, dir, output string) (string, error) {
-	return b.Buildctl(ctx, "build", "--frontend", "dockerfile.v0",
-		"--local", "context="+dir, "--local", "dockerfile="+dir,
-		"--output", output, "--progress", "plain")
+	return b.Buildctl(ctx, append(BuildArgs(dir, output), "--progress", "plain")...)
 }
 
 // LogTail returns the last n lines of buildkitd's log.
