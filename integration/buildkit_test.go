@@ -35,6 +35,7 @@ type buildkitEnv struct {
 // the rootless tests' RootlessKit, with BuildKit's rootless worker mode.
 func newBuildkitEnv(t *testing.T, rootless bool) *buildkitEnv {
 	t.Helper()
+	requireBuildkit(t)
 	e := newEnv(t)
 	spec, err := harness.BuildBase(e.fx.probe)
 	if err != nil {
@@ -60,6 +61,33 @@ func newBuildkitEnv(t *testing.T, rootless bool) *buildkitEnv {
 		}
 	})
 	return &buildkitEnv{env: e, bk: bk, base: base}
+}
+
+// requireBuildkit is requirePrereqs for what only the BuildKit tests
+// need: bin/buildkitd, bin/buildctl and the host's static busybox.
+func requireBuildkit(t *testing.T) {
+	t.Helper()
+	bin, err := harness.BinDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var missing []string
+	for _, b := range []string{"buildkitd", "buildctl"} {
+		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
+			missing = append(missing, fmt.Sprintf("bin/%s is missing (run `make binaries`)", b))
+		}
+	}
+	if _, err := harness.LookPath("busybox"); err != nil {
+		missing = append(missing, "busybox not found on PATH (the Debian package busybox-static; run `make deps`)")
+	}
+	if len(missing) == 0 {
+		return
+	}
+	msg := "BuildKit test prerequisites missing:\n  " + strings.Join(missing, "\n  ")
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
 }
 
 // TestBuildKit builds, with buildctl and BuildKit's containerd worker on

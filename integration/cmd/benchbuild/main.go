@@ -77,6 +77,7 @@ func run(reps, files int, baseDir, outDir string) error {
 	if err != nil {
 		return err
 	}
+	loadStart := loadAverage()
 	samples := map[string][]float64{} // build/variant -> seconds
 	for r := 1; r <= reps; r++ {
 		for _, bc := range s.cases {
@@ -91,7 +92,21 @@ func run(reps, files int, baseDir, outDir string) error {
 			}
 		}
 	}
-	return report(s, reps, files, samples, outDir)
+	return report(s, reps, files, samples, outDir, loadStart+" at the start, "+loadAverage()+" at the end")
+}
+
+// loadAverage is the 1, 5 and 15 minute load average: medians from a busy
+// machine say less, and the table says how busy it was.
+func loadAverage() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 // prepare starts the registry, pushes the base image and writes the
@@ -176,9 +191,9 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, error) {
 }
 
 // report prints the table and writes it with its chart.
-func report(s *setup, reps, files int, samples map[string][]float64, outDir string) error {
+func report(s *setup, reps, files int, samples map[string][]float64, outDir, load string) error {
 	var table strings.Builder
-	fmt.Fprintf(&table, "\n`buildctl build` with BuildKit's containerd worker, fresh daemons, %d files per generating build, medians of %d alternating runs (%d CPUs):\n\n", files, reps, runtime.NumCPU())
+	fmt.Fprintf(&table, "\n`buildctl build` with BuildKit's containerd worker, fresh daemons, %d files per generating build, medians of %d alternating runs (%d CPUs, load average %s):\n\n", files, reps, runtime.NumCPU(), load)
 	fmt.Fprintf(&table, "(a) %s; (b) %s.\n\n", variants[0].desc, variants[1].desc)
 	fmt.Fprintf(&table, "| build | (a) median (s) | (b) median (s) | a/b | runs a (s) | runs b (s) |\n|---|---|---|---|---|---|\n")
 	var bars []benchchart.Bar
