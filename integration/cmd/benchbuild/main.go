@@ -20,7 +20,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -79,20 +81,22 @@ func run(reps, files int, baseDir, outDir string) error {
 	}
 	loadStart := loadAverage()
 	samples := map[string][]float64{} // build/variant -> seconds
+	exports := map[string][]float64{} // build/variant -> seconds of "exporting layers"
 	for r := 1; r <= reps; r++ {
 		for _, bc := range s.cases {
 			for i := range variants {
 				v := variants[(i+r-1)%len(variants)]
-				secs, err := measure(s, bc, v)
+				secs, export, err := measure(s, bc, v)
 				if err != nil {
 					return fmt.Errorf("%s (%s) run %d: %w", bc.Name, v.key, r, err)
 				}
 				samples[bc.Name+"/"+v.key] = append(samples[bc.Name+"/"+v.key], secs)
-				fmt.Printf("run %d %-10s (%s) %-48s %7.2f s\n", r, bc.Name, v.key, v.desc, secs)
+				exports[bc.Name+"/"+v.key] = append(exports[bc.Name+"/"+v.key], export)
+				fmt.Printf("run %d %-10s (%s) %-48s %7.2f s (export %.2f s)\n", r, bc.Name, v.key, v.desc, secs, export)
 			}
 		}
 	}
-	return report(s, reps, files, samples, outDir, loadStart+" at the start, "+loadAverage()+" at the end")
+	return report(s, reps, files, samples, exports, outDir, loadStart+" at the start, "+loadAverage()+" at the end")
 }
 
 // loadAverage is the 1, 5 and 15 minute load average: medians from a busy
@@ -139,19 +143,35 @@ func prepare(work string, files int) (*setup, *harness.Registry, error) {
 	return s, reg, nil
 }
 
+// exportDone is buildctl's plain progress line for the end of the layer
+// export (the diffs), with its duration when it took 0.1 s or more.
+var exportDone = regexp.MustCompile(`exporting layers (?:([0-9.]+)s )?done`)
+
+// exportSeconds sums the export durations in buildctl's progress output.
+func exportSeconds(progress string) float64 {
+	var total float64
+	for _, m := range exportDone.FindAllStringSubmatch(progress, -1) {
+		if v, err := strconv.ParseFloat(m[1], 64); err == nil {
+			total += v
+		}
+	}
+	return total
+}
+
 // measure starts a fresh containerd and buildkitd on v's snapshotter and
-// times one build.
-func measure(s *setup, bc harness.BuildCase, v variant) (float64, error) {
+// times one build; it also returns the time BuildKit reports for
+// exporting the layers.
+func measure(s *setup, bc harness.BuildCase, v variant) (float64, float64, error) {
 	ctx := context.Background()
 	dir, err := os.MkdirTemp(s.work, "c-")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: s.registry})
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	var elapsed float64
+	var elapsed, export float64
 	err = func() error {
 		bk, err := harness.StartBuildkitd(ctx, harness.BuildkitOptions{
 			Dir: filepath.Join(dir, "bk"), Containerd: c.Address, Snapshotter: v.snapshotter, Registry: s.registry,
@@ -160,8 +180,9 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, error) {
 			return err
 		}
 		start := time.Now()
-		_, err = bk.Build(ctx, s.dirs[bc.Name], "type=image,name=bench/"+bc.Name+":1")
+		progress, err := bk.Build(ctx, s.dirs[bc.Name], "type=image,name=bench/"+bc.Name+":1")
 		elapsed = time.Since(start).Seconds()
+		export = exportSeconds(progress)
 		if serr := bk.Stop(); err == nil {
 			err = serr
 		}
@@ -187,20 +208,22 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, error) {
 	if rerr := os.RemoveAll(dir); err == nil {
 		err = rerr
 	}
-	return elapsed, err
+	return elapsed, export, err
 }
 
 // report prints the table and writes it with its chart.
-func report(s *setup, reps, files int, samples map[string][]float64, outDir, load string) error {
+func report(s *setup, reps, files int, samples, exports map[string][]float64, outDir, load string) error {
 	var table strings.Builder
 	fmt.Fprintf(&table, "\n`buildctl build` with BuildKit's containerd worker, fresh daemons, %d files per generating build, medians of %d alternating runs (%d CPUs, load average %s):\n\n", files, reps, runtime.NumCPU(), load)
 	fmt.Fprintf(&table, "(a) %s; (b) %s.\n\n", variants[0].desc, variants[1].desc)
-	fmt.Fprintf(&table, "| build | (a) median (s) | (b) median (s) | a/b | runs a (s) | runs b (s) |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&table, "Export: BuildKit's \"exporting layers\" step (the diffs), median.\n\n")
+	fmt.Fprintf(&table, "| build | (a) median (s) | (b) median (s) | a/b | export a (s) | export b (s) | runs a (s) | runs b (s) |\n|---|---|---|---|---|---|---|---|\n")
 	var bars []benchchart.Bar
 	for _, bc := range s.cases {
 		a, b := samples[bc.Name+"/a"], samples[bc.Name+"/b"]
 		ma, mb := benchchart.Median(a), benchchart.Median(b)
-		fmt.Fprintf(&table, "| %s | %.2f | %.2f | %.2f | %s | %s |\n", bc.Name, ma, mb, ma/mb, runs(a), runs(b))
+		ea, eb := benchchart.Median(exports[bc.Name+"/a"]), benchchart.Median(exports[bc.Name+"/b"])
+		fmt.Fprintf(&table, "| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %s | %s |\n", bc.Name, ma, mb, ma/mb, ea, eb, runs(a), runs(b))
 		bars = append(bars,
 			benchchart.Bar{Label: bc.Name + " (a) ours", Median: ma, Runs: a},
 			benchchart.Bar{Label: bc.Name + " (b) overlayfs", Median: mb, Runs: b})

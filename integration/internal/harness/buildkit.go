@@ -164,9 +164,19 @@ func BuildArgs(dir, output string) []string {
 }
 
 // Build runs `buildctl build` (BuildArgs) of the Dockerfile in dir with
-// output as its --output, e.g. "type=image,name=REF,push=true".
+// output as its --output, e.g. "type=image,name=REF,push=true", and
+// returns its plain progress output (buildctl writes it to stderr).
 func (b *Buildkitd) Build(ctx context.Context, dir, output string) (string, error) {
-	return b.Buildctl(ctx, append(BuildArgs(dir, output), "--progress", "plain")...)
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute)
+	defer cancel()
+	args := append([]string{"--addr", b.Address}, append(BuildArgs(dir, output), "--progress", "plain")...)
+	cmd := exec.CommandContext(ctx, filepath.Join(b.Bin, "buildctl"), args...)
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("buildctl %s: %w\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out), nil
 }
 
 // LogTail returns the last n lines of buildkitd's log.
