@@ -103,10 +103,19 @@ func (d *Differ) layersOf(mounts []mount.Mount) ([]string, error) {
 }
 
 // compareFast writes the diff of upper over lower from the upper layer
+// directory (writeFast), and counts it.
+func (d *Differ) compareFast(ctx context.Context, upperDir string, lowers []string, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	start := time.Now()
+	desc, err := d.writeFast(ctx, upperDir, lowers, opts...)
+	countCompare("fast", start, err)
+	return desc, err
+}
+
+// writeFast writes the diff of upper over lower from the upper layer
 // directory, as containerd's walking differ writes it: the same options
 // (media type and compression, custom compressor, labels, source date
 // epoch, reference), the same content store calls and labels.
-func (d *Differ) compareFast(ctx context.Context, upperDir string, lowers []string, opts ...diff.Opt) (ocispec.Descriptor, error) {
+func (d *Differ) writeFast(ctx context.Context, upperDir string, lowers []string, opts ...diff.Opt) (ocispec.Descriptor, error) {
 	var config diff.Config
 	for _, opt := range opts {
 		if err := opt(&config); err != nil {

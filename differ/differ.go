@@ -110,7 +110,7 @@ func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts .
 		}
 		log.G(ctx).WithError(err).Debug("compare: using the walking differ")
 	}
-	return d.comparer.Compare(ctx, lower, upper, opts...)
+	return d.compareFallback(ctx, lower, upper, opts...)
 }
 
 // target is where a layer goes.

@@ -20,12 +20,29 @@ var (
 	unpackDuration metrics.LabeledTimer
 )
 
+// Compare metrics, beside the unpack ones: path is "fast" (the tar written
+// from the upper layer directory) or "fallback" (containerd's walking
+// differ, for mounts the fast path does not handle); a Differ made by
+// NewApplier, which compares nothing, counts nothing.
+var (
+	compares        metrics.LabeledCounter
+	compareDuration metrics.LabeledTimer
+)
+
 func init() {
 	ns := metrics.NewNamespace("containerd", "fuse_overlayfs", nil)
 	unpacks = ns.NewLabeledCounter("unpacks", "layers applied, by path (direct, fallback) and result (ok, error)", "path", "result")
 	unpackBytes = ns.NewLabeledCounter("unpacked_bytes", "uncompressed bytes of the layers applied, by path", "path")
 	unpackDuration = ns.NewLabeledTimerWithBuckets("unpack_duration", "time to apply one layer, by path",
 		[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}, "path")
+	compares = ns.NewLabeledCounter("compares", "diffs computed (layers exported), by path (fast: from the upper directory; fallback: containerd's walking differ) and result (ok, error)", "path", "result")
+	compareDuration = ns.NewLabeledTimerWithBuckets("compare_duration", "time to compute one diff, by path",
+		[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}, "path")
+	for _, p := range []string{"fast", "fallback"} {
+		for _, r := range []string{"ok", "error"} {
+			compares.WithValues(p, r).Inc(0)
+		}
+	}
 	for _, p := range []string{"direct", "fallback"} {
 		for _, r := range []string{"ok", "error"} {
 			unpacks.WithValues(p, r).Inc(0)
@@ -58,4 +75,22 @@ func (d *Differ) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mo
 	unpacks.WithValues(path, result).Inc()
 	unpackDuration.WithValues(path).UpdateSince(start)
 	return out, err
+}
+
+// countCompare counts one Compare by path, started at start.
+func countCompare(path string, start time.Time, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	compares.WithValues(path, result).Inc()
+	compareDuration.WithValues(path).UpdateSince(start)
+}
+
+// compareFallback is containerd's walking differ, counted.
+func (d *Differ) compareFallback(ctx context.Context, lower, upper []mount.Mount, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	start := time.Now()
+	desc, err := d.comparer.Compare(ctx, lower, upper, opts...)
+	countCompare("fallback", start, err)
+	return desc, err
 }

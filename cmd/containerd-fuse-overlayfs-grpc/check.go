@@ -76,17 +76,13 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// defaultRoot is where a root containerd keeps the plugin's snapshots, or
-// for another user where a rootless one (as nerdctl sets it up) does.
+// defaultRoot is where a containerd set up the usual way for this user
+// keeps the plugin's snapshots (containerdRoot); empty when that cannot be
+// told, and --root must be given.
 func defaultRoot() string {
-	const sub = "io.containerd.snapshotter.v1.fuse-overlayfs"
-	if os.Geteuid() == 0 {
-		return "/var/lib/containerd/" + sub
+	dir, err := containerdRoot(os.Getenv, runningRootless())
+	if err != nil {
+		return ""
 	}
-	data := os.Getenv("XDG_DATA_HOME")
-	if data == "" {
-		home, _ := os.UserHomeDir()
-		data = filepath.Join(home, ".local", "share")
-	}
-	return filepath.Join(data, "containerd", sub)
+	return filepath.Join(dir, "io.containerd.snapshotter.v1.fuse-overlayfs")
 }

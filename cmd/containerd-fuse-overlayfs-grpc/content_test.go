@@ -30,6 +30,14 @@ func TestBlobNotRegular(t *testing.T) {
 	}{
 		{"fifo", func(p string) error { return unix.Mkfifo(p, 0o644) }},
 		{"symlink outside", func(p string) error { return os.Symlink(outside, p) }},
+		{"symlink to /etc/shadow", func(p string) error { return os.Symlink("/etc/shadow", p) }},
+		{"symlink to a fifo", func(p string) error {
+			fifo := p + ".fifo"
+			if err := unix.Mkfifo(fifo, 0o644); err != nil {
+				return err
+			}
+			return os.Symlink(fifo, p)
+		}},
 		{"directory", func(p string) error { return os.Mkdir(p, 0o755) }},
 		// 1:3 is /dev/null: a device any kernel has, harmless to open.
 		{"char device", func(p string) error { return unix.Mknod(p, unix.S_IFCHR|0o644, int(unix.Mkdev(1, 3))) }},
@@ -71,7 +79,7 @@ func TestBlobNotRegular(t *testing.T) {
 func TestBlobReadAfterOpen(t *testing.T) {
 	dir := t.TempDir()
 	desc, _ := putLayer(t, dir, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
-	f, _, err := openBlob(filepath.Join(dir, "blobs", "sha256", desc.Digest.Encoded()))
+	f, _, err := openBlob(dir, filepath.Join("blobs", "sha256", desc.Digest.Encoded()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,4 +88,36 @@ func TestBlobReadAfterOpen(t *testing.T) {
 	if err != nil || fl&unix.O_NONBLOCK != 0 {
 		t.Fatalf("flags %#x (%v): O_NONBLOCK still set", fl, err)
 	}
+}
+
+// TestBlobDirSymlink: a symbolic link among the directories below the
+// content directory (blobs/sha256 pointing elsewhere) is not followed,
+// even to a real blob.
+func TestBlobDirSymlink(t *testing.T) {
+	elsewhere := t.TempDir()
+	desc, _ := putLayer(t, elsewhere, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "blobs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(elsewhere, "blobs", "sha256"), filepath.Join(dir, "blobs", "sha256")); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := contentDir{dir}.ReaderAt(context.Background(), desc)
+	if err == nil {
+		_ = ra.Close()
+	}
+	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "a symbolic link is on the path below "+dir) || !strings.Contains(err.Error(), desc.Digest.String()) {
+		t.Fatalf("got %v, want a failed precondition naming the digest and the link", err)
+	}
+	// The content directory itself may be reached through a link.
+	link := filepath.Join(t.TempDir(), "content")
+	if err := os.Symlink(elsewhere, link); err != nil {
+		t.Fatal(err)
+	}
+	ra, err = contentDir{link}.ReaderAt(context.Background(), desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = ra.Close()
 }

@@ -108,6 +108,12 @@ func TestContentDirReader(t *testing.T) {
 		!strings.Contains(err.Error(), "content_dir "+dir) || !strings.Contains(err.Error(), "--content-dir") {
 		t.Errorf("missing blob: got %v, want not found naming %s, %s, the directory and --content-dir", err, missing.Digest, wantPath)
 	}
+	// The whole directory missing is said so.
+	gone := filepath.Join(dir, "gone")
+	_, err = contentDir{gone}.ReaderAt(ctx, missing)
+	if !errdefs.IsNotFound(err) || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "the directory "+gone+" does not exist") || !strings.Contains(err.Error(), "--content-dir") {
+		t.Errorf("missing content directory: got %v, want not found saying %s does not exist", err, gone)
+	}
 	// Another size than the descriptor's.
 	wrong := desc
 	wrong.Size++
@@ -223,7 +229,7 @@ func TestResolveContentDir(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.o
 			o.socket, o.root = "/s.sock", "/r"
-			cfg, err := resolve(&o)
+			cfg, err := resolve(o)
 			if tc.err != "" {
 				if !errdefs.IsInvalidArgument(err) || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want an invalid-argument one containing %q", err, tc.err)
@@ -233,8 +239,8 @@ func TestResolveContentDir(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.contentDir != tc.want || cfg.ContentDir != tc.want {
-				t.Errorf("content dir %q, config %q, want %q", o.contentDir, cfg.ContentDir, tc.want)
+			if cfg.ContentDir != tc.want {
+				t.Errorf("content dir %q, want %q", cfg.ContentDir, tc.want)
 			}
 		})
 	}

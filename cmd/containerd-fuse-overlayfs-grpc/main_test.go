@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -224,14 +223,15 @@ func TestLoadConfig(t *testing.T) {
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		name, toml string
-		want       fuseoverlayfs.Config
+		want       serverConfig
 		err        string
 	}{
 		{name: "empty", toml: ""},
 		{name: "all keys", toml: "root_path = '/var/lib/fo'\nsync_remove = true\nmount_options = ['noacl', 'squash_to_uid=5']\ncontent_dir = '/var/lib/containerd/io.containerd.content.v1.content'\n",
-			want: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+			want: serverConfig{Config: fuseoverlayfs.Config{RootPath: "/var/lib/fo", SyncRemove: true, MountOptions: []string{"noacl", "squash_to_uid=5"}}, ContentDir: "/var/lib/containerd/io.containerd.content.v1.content"}},
+		{name: "socket is no key", toml: "socket = '/run/x.sock'\n", err: "unknown key(s) socket"},
 		{name: "relative content dir", toml: "content_dir = 'containerd/io.containerd.content.v1.content'\n", err: "content_dir"},
-		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal"},
+		{name: "unknown key", toml: "root_path = '/x'\nsync_removal = true\n", err: "unknown key(s) sync_removal (known: root_path, sync_remove, mount_options, content_dir)"},
 		{name: "plugin section", toml: "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']\nsync_remove = true\n", err: "unknown key(s) plugins"},
 		{name: "wrong type", toml: "sync_remove = 'yes'\n", err: "key sync_remove"},
 		{name: "list wanted", toml: "mount_options = 'noacl'\n", err: "key mount_options"},
@@ -298,7 +298,7 @@ func TestResolveRoot(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.o
-			cfg, err := resolve(&o)
+			cfg, err := resolve(o)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("error %v, want one containing %q", err, tc.err)
@@ -311,11 +311,11 @@ func TestResolveRoot(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.root != tc.root || cfg.RootPath != tc.root {
-				t.Errorf("root %q, config root %q, want %q", o.root, cfg.RootPath, tc.root)
+			if cfg.RootPath != tc.root {
+				t.Errorf("root %q, want %q", cfg.RootPath, tc.root)
 			}
-			if !filepath.IsAbs(o.socket) {
-				t.Errorf("socket %q is not absolute", o.socket)
+			if !filepath.IsAbs(cfg.Socket) {
+				t.Errorf("socket %q is not absolute", cfg.Socket)
 			}
 		})
 	}
@@ -563,209 +563,6 @@ func withMount(t *testing.T, mounts []mount.Mount, fn func(mp string)) {
 		}
 	}()
 	fn(mp)
-}
-
-// otherUID owns the socket directories of another user in the tests.
-const otherUID = 12345
-
-// TestSocketDirChecks: listen refuses, as invalid arguments naming the
-// directory and creating nothing, a socket directory that is a symbolic
-// link (even to a good directory), one owned by another uid and one of
-// another mode; it takes a 0700 directory of its own user.
-func TestSocketDirChecks(t *testing.T) {
-	dir := shortDir(t)
-	mkdir := func(name string, mode os.FileMode) string {
-		t.Helper()
-		p := filepath.Join(dir, name)
-		if err := os.Mkdir(p, mode); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chmod(p, mode); err != nil { // whatever the umask
-			t.Fatal(err)
-		}
-		return p
-	}
-	good := mkdir("good", 0o700)
-	link := filepath.Join(dir, "link")
-	if err := os.Symlink(good, link); err != nil {
-		t.Fatal(err)
-	}
-	open := mkdir("open", 0o750)
-
-	for _, tc := range []struct {
-		name, dir, want string
-		root            bool
-	}{
-		{name: "symlink to a good directory", dir: link, want: "socket directory " + link + " is a symbolic link"},
-		{name: "open", dir: open, want: "socket directory " + open + " has mode 0750, want 0700"},
-		{name: "other owner", dir: filepath.Join(dir, "theirs"), root: true,
-			want: fmt.Sprintf("socket directory %s is owned by uid %d, want %d", filepath.Join(dir, "theirs"), otherUID, os.Geteuid())},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if tc.root {
-				testutil.RequireRoot(t)
-				mkdir(filepath.Base(tc.dir), 0o700)
-				if err := os.Chown(tc.dir, otherUID, otherUID); err != nil {
-					t.Fatal(err)
-				}
-			}
-			socket := filepath.Join(tc.dir, "s.sock")
-			l, err := listen(socket)
-			if err == nil {
-				_ = l.Close()
-				t.Fatalf("listen on %s succeeded, want %q", socket, tc.want)
-			}
-			if !strings.Contains(err.Error(), tc.want) || !errdefs.IsInvalidArgument(err) {
-				t.Errorf("error %v, want an invalid-argument error containing %q", err, tc.want)
-			}
-			if _, err := os.Lstat(socket); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("socket %s created although refused: %v", socket, err)
-			}
-		})
-	}
-	// Nothing went through the link into the good directory.
-	if entries, err := os.ReadDir(good); err != nil || len(entries) != 0 {
-		t.Errorf("%s after the refusals: %v, %v", good, entries, err)
-	}
-
-	t.Run("good", func(t *testing.T) {
-		socket := filepath.Join(good, "s.sock")
-		l, err := listen(socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() { _ = l.Close() }()
-		if st, err := os.Lstat(socket); err != nil || st.Mode() != os.ModeSocket|0o600 {
-			t.Errorf("socket %s: %v, %v", socket, st, err)
-		}
-	})
-}
-
-// TestSocketSafety: a stale socket is replaced; a live one, a file that is
-// not a socket, a directory others can enter, one owned by another user and
-// a symbolic link to a directory are refused.
-func TestSocketSafety(t *testing.T) {
-	testutil.RequireFUSE(t)
-	dir := shortDir(t)
-	root := filepath.Join(dir, "root")
-	runDir := filepath.Join(dir, "run")
-	if err := os.Mkdir(runDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	socket := filepath.Join(runDir, "fo.sock")
-
-	t.Run("live", func(t *testing.T) {
-		l, err := net.Listen("unix", socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() { _ = l.Close() }()
-		code, out := runCommand(t, nil, socket, root)
-		if code != exitFailure || !strings.Contains(out, "another server is listening on "+socket) {
-			t.Errorf("exit %d, output %q", code, out)
-		}
-		if _, err := os.Lstat(socket); err != nil {
-			t.Errorf("the live socket was removed: %v", err)
-		}
-	})
-
-	t.Run("not a socket", func(t *testing.T) {
-		other := filepath.Join(runDir, "file")
-		if err := os.WriteFile(other, []byte("keep me"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		code, out := runCommand(t, nil, other, root)
-		if code != exitFailure || !strings.Contains(out, "exists and is not a socket") {
-			t.Errorf("exit %d, output %q", code, out)
-		}
-		if got, err := os.ReadFile(other); err != nil || string(got) != "keep me" {
-			t.Errorf("the file was touched: %q, %v", got, err)
-		}
-	})
-
-	t.Run("open directory", func(t *testing.T) {
-		open := filepath.Join(dir, "open")
-		if err := os.Mkdir(open, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		code, out := runCommand(t, nil, filepath.Join(open, "fo.sock"), root)
-		if code != exitFailure || !strings.Contains(out, "has mode 0755, want 0700") {
-			t.Errorf("exit %d, output %q", code, out)
-		}
-	})
-
-	t.Run("other owner", func(t *testing.T) {
-		theirs := filepath.Join(dir, "theirs")
-		if err := os.Mkdir(theirs, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chown(theirs, otherUID, otherUID); err != nil {
-			t.Fatal(err)
-		}
-		code, out := runCommand(t, nil, filepath.Join(theirs, "fo.sock"), root)
-		want := fmt.Sprintf("socket directory %s is owned by uid %d, want %d", theirs, otherUID, os.Geteuid())
-		if code != exitFailure || !strings.Contains(out, want) {
-			t.Errorf("exit %d, output %q; want exit %d and %q", code, out, exitFailure, want)
-		}
-		if _, err := os.Lstat(filepath.Join(theirs, "fo.sock")); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("socket created in a directory of another user: %v", err)
-		}
-	})
-
-	t.Run("symlink", func(t *testing.T) {
-		target, link := filepath.Join(dir, "target"), filepath.Join(dir, "link")
-		if err := os.Mkdir(target, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Symlink(target, link); err != nil {
-			t.Fatal(err)
-		}
-		code, out := runCommand(t, nil, filepath.Join(link, "fo.sock"), root)
-		want := "socket directory " + link + " is a symbolic link"
-		if code != exitFailure || !strings.Contains(out, want) {
-			t.Errorf("exit %d, output %q; want exit %d and %q", code, out, exitFailure, want)
-		}
-		if _, err := os.Lstat(filepath.Join(target, "fo.sock")); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("socket created through the symlink: %v", err)
-		}
-	})
-
-	t.Run("stale", func(t *testing.T) {
-		// A socket whose server is gone: bound, never unlinked.
-		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		l.SetUnlinkOnClose(false)
-		if err := l.Close(); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := os.Lstat(socket); err != nil {
-			t.Fatalf("stale socket not there: %v", err)
-		}
-		srv := start(t, nil, socket, root)
-		srv.waitServing(socket)
-		if !strings.Contains(srv.out.String(), "removed a stale socket") {
-			t.Errorf("no message about the stale socket:\n%s", srv.out)
-		}
-		st, err := os.Lstat(socket)
-		if err != nil || st.Mode() != os.ModeSocket|0o600 {
-			t.Errorf("new socket: %v, %v", st, err)
-		}
-		// A second server on the same root is refused instead of hanging
-		// on the metadata store's lock.
-		code, out := runCommand(t, nil, filepath.Join(runDir, "second.sock"), root)
-		if code != exitFailure || !strings.Contains(out, "is in use by another process") {
-			t.Errorf("second server on the same root: exit %d, output %q", code, out)
-		}
-		if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		if code := srv.exitCode(); code != 0 {
-			t.Errorf("exit %d after SIGTERM; output:\n%s", code, srv.out)
-		}
-	})
-	testutil.RequireNoLeftovers(t, root)
 }
 
 // TestSnapshotterSuiteOverGRPC runs containerd's snapshotter suite against

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,6 +24,20 @@ func KernelOverlay(t testing.TB) string {
 	opts := "lowerdir=" + lower + ",upperdir=" + upper + ",workdir=" + work
 	if err := unix.Mount("overlay", target, "overlay", 0, opts); err != nil {
 		Unavailable(t, "mount a kernel overlay: %v", err)
+	}
+	t.Cleanup(func() { unmountOrFail(t, target) })
+	return target
+}
+
+// KernelOverlayOf mounts the layer directories lowers (newest first, at
+// least two) read-only as a kernel overlay, as the overlayfs snapshotter
+// mounts a view, and returns the mount point. The cleanup unmounts it.
+func KernelOverlayOf(t testing.TB, lowers []string) string {
+	t.Helper()
+	target := t.TempDir()
+	opts := "lowerdir=" + strings.Join(lowers, ":")
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, opts); err != nil {
+		Unavailable(t, "mount a kernel overlay of %v: %v", lowers, err)
 	}
 	t.Cleanup(func() { unmountOrFail(t, target) })
 	return target
