@@ -26,8 +26,9 @@ var buildTreeSnapshotters = []string{sn, "overlayfs", "native"}
 // worker builds on fuse-overlayfs, and the base image in the registry.
 type buildkitEnv struct {
 	*env
-	bk   *harness.Buildkitd
-	base string // the base image's reference
+	bk      *harness.Buildkitd
+	base    string // the base image's reference
+	metrics string // containerd's [metrics] address
 }
 
 // newBuildkitEnv starts containerd, pushes the base image and starts
@@ -36,7 +37,10 @@ type buildkitEnv struct {
 func newBuildkitEnv(t *testing.T, rootless bool) *buildkitEnv {
 	t.Helper()
 	requireBuildkit(t)
-	e := newEnv(t)
+	metrics := freeAddr(t)
+	e := newEnv(t, func(o *harness.Options) {
+		o.Edit = func(cfg map[string]any) { harness.Set(cfg, metrics, "metrics", "address") }
+	})
 	spec, err := harness.BuildBase(e.fx.probe)
 	if err != nil {
 		t.Fatal(err)
@@ -60,7 +64,7 @@ func newBuildkitEnv(t *testing.T, rootless bool) *buildkitEnv {
 			t.Error(err)
 		}
 	})
-	return &buildkitEnv{env: e, bk: bk, base: base}
+	return &buildkitEnv{env: e, bk: bk, base: base, metrics: metrics}
 }
 
 // requireBuildkit is requirePrereqs for what only the BuildKit tests
@@ -132,10 +136,16 @@ func (e *buildkitEnv) buildAll(t *testing.T, snapshotters []string) {
 			checkBuild(t, bc, dir, tree)
 		})
 	}
-	// One layer per RUN or COPY of the final stages: 1 + 1 + 2 + 3.
+	// One layer per RUN or COPY of the final stages: 1 + 1 + 2 + 3; the
+	// two ways docs/building.md gives to see which differ ran.
 	const layers = 7
 	if n := strings.Count(e.c.LogTail(1<<30), "diff written from the upper directory"); n < layers {
 		t.Errorf("%d exported layers were written by our Compare, want at least %d (the diff-service default in config/containerd.toml routes exports to the fuse-overlayfs differ)", n, layers)
+	}
+	m := scrape(t, e.metrics)
+	const fast, fallback = `containerd_fuse_overlayfs_compares_total{path="fast",result="ok"}`, `containerd_fuse_overlayfs_compares_total{path="fallback",result="ok"}`
+	if m[fast] < layers || m[fallback] != 0 {
+		t.Errorf("%s = %v, want at least %d; %s = %v, want 0", fast, m[fast], layers, fallback, m[fallback])
 	}
 }
 
