@@ -86,17 +86,20 @@ fmt:
 
 # The end-to-end tests and the demo also need the registry (CNCF distribution).
 APT_DEPS += docker-registry:docker-registry
+# The BuildKit tests' base image has the host's static busybox as /bin/sh.
+APT_DEPS += busybox:busybox-static
 
 BIN                := $(CURDIR)/bin
 GO_BUILD_TAGS      := no_btrfs no_devmapper no_zfs
 CONTAINERD_VERSION := v2.4.2
 NERDCTL_VERSION    := v2.3.1
 CRICTL_VERSION     := v1.37.0
+BUILDKIT_VERSION   := v0.34.2
 E2E_TIMEOUT        ?= 30m
 
 BINARIES := $(BIN)/containerd $(BIN)/ctr $(BIN)/containerd-shim-runc-v2 \
             $(BIN)/containerd-stock $(BIN)/nerdctl $(BIN)/crictl \
-            $(BIN)/containerd-fuse-overlayfs-grpc
+            $(BIN)/containerd-fuse-overlayfs-grpc $(BIN)/buildkitd $(BIN)/buildctl
 
 # Everything the end-to-end tests run, in bin/. Pinned tools are built once
 # per version (a stamp file names it); our containerd is always handed to
@@ -108,7 +111,8 @@ $(BIN)/containerd: FORCE
 	$(GO) build -tags "$(GO_BUILD_TAGS)" -o $@ ./cmd/containerd
 
 # Version stamps: a new version makes the stamp newer than the binaries.
-$(BIN)/.containerd-$(CONTAINERD_VERSION) $(BIN)/.nerdctl-$(NERDCTL_VERSION) $(BIN)/.crictl-$(CRICTL_VERSION):
+$(BIN)/.containerd-$(CONTAINERD_VERSION) $(BIN)/.nerdctl-$(NERDCTL_VERSION) $(BIN)/.crictl-$(CRICTL_VERSION) \
+$(BIN)/.buildkit-$(BUILDKIT_VERSION):
 	@mkdir -p $(BIN)
 	@rm -f $(BIN)/$(firstword $(subst -, ,$(notdir $@)))-v*
 	@touch $@
@@ -144,6 +148,13 @@ $(BIN)/nerdctl: $(BIN)/.nerdctl-$(NERDCTL_VERSION) tools/nerdctl/go.mod tools/ne
 $(BIN)/crictl: $(BIN)/.crictl-$(CRICTL_VERSION)
 	GOBIN=$(BIN) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
+# BuildKit cannot be `go install`ed (its go.mod has exclude directives):
+# tools/buildkit pins it and explains why. The BuildKit tests and
+# bench-build run buildkitd with its containerd worker on our snapshotter.
+BUILDKIT_LDFLAGS := -X github.com/moby/buildkit/version.Version=$(BUILDKIT_VERSION)
+$(BIN)/buildkitd $(BIN)/buildctl: $(BIN)/.buildkit-$(BUILDKIT_VERSION) tools/buildkit/go.mod tools/buildkit/go.sum
+	cd tools/buildkit && $(GO) build -ldflags "$(BUILDKIT_LDFLAGS)" -o $@ github.com/moby/buildkit/cmd/$(notdir $@)
+
 # End-to-end tests: each starts its own containerd from bin/ with
 # config/containerd.toml, a docker-registry on 127.0.0.1, runc and
 # fuse-overlayfs. As root; with CI=true a missing prerequisite fails them.
@@ -171,3 +182,12 @@ bench-unpack: deps binaries
 .PHONY: bench-commit
 bench-commit: deps binaries
 	$(GO) run ./integration/cmd/benchcommit -reps $(BENCH_REPS) -dir $(BENCH_DIR)
+
+# Build benchmark (issue 17): four BuildKit builds (RUN writing 20,000
+# files, COPY of a 20,000-file context, multi-stage COPY --from, the
+# deleting build) with buildkitd's containerd worker on fuse-overlayfs
+# (our Compare) and on overlayfs; fresh daemons per run, alternating,
+# medians of BENCH_REPS.
+.PHONY: bench-build
+bench-build: deps binaries
+	$(GO) run ./integration/cmd/benchbuild -reps $(BENCH_REPS) -dir $(BENCH_DIR)

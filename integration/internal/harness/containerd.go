@@ -280,6 +280,22 @@ func (c *Containerd) Nerdctl(ctx context.Context, namespace string, args ...stri
 	return Run(ctx, 5*time.Minute, env, filepath.Join(c.Bin, "nerdctl"), append(c.NerdctlArgs(namespace), args...)...)
 }
 
+// NerdctlIn runs bin/nerdctl against this containerd in the working
+// directory dir, as a user in that directory types it (`nerdctl build .`).
+func (c *Containerd) NerdctlIn(ctx context.Context, dir, namespace string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(c.Bin, "nerdctl"), append(c.NerdctlArgs(namespace), args...)...)
+	cmd.Dir = dir
+	cmd.Env = append(c.env(), "NERDCTL_TOML="+filepath.Join(c.Dir, "nerdctl.toml"))
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("nerdctl %s (in %s): %w\n%s", strings.Join(args, " "), dir, err, out)
+	}
+	return string(out), nil
+}
+
 // Crictl runs bin/crictl against this containerd's CRI endpoint.
 func (c *Containerd) Crictl(ctx context.Context, args ...string) (string, error) {
 	cfg := filepath.Join(c.Dir, "crictl.yaml")
