@@ -2,6 +2,7 @@ package differ
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/diff"
@@ -10,14 +11,16 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
-// Unpack metrics, registered with the default Prometheus registry as
-// containerd's plugins do (README, "Metrics"). path is "direct" (written
-// straight into the layer directory) or "fallback" (ID-mapped mounts,
-// through the fallback applier); mounts the differ declines are not counted.
+// Unpack metrics, in the default Prometheus registry once RegisterMetrics
+// ran (docs/operating.md, "Metrics"). path is "direct" (written straight
+// into the layer directory) or "fallback" (ID-mapped mounts, through the
+// fallback applier); mounts the differ declines are not counted.
 var (
-	unpacks        metrics.LabeledCounter
-	unpackBytes    metrics.LabeledCounter
-	unpackDuration metrics.LabeledTimer
+	metricsNS      = metrics.NewNamespace("containerd", "fuse_overlayfs", nil)
+	durationBounds = []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
+	unpacks        = metricsNS.NewLabeledCounter("unpacks", "layers applied, by path (direct, fallback) and result (ok, error)", "path", "result")
+	unpackBytes    = metricsNS.NewLabeledCounter("unpacked_bytes", "uncompressed bytes of the layers applied, by path", "path")
+	unpackDuration = metricsNS.NewLabeledTimerWithBuckets("unpack_duration", "time to apply one layer, by path", durationBounds, "path")
 )
 
 // Compare metrics, beside the unpack ones: path is "fast" (the tar written
@@ -25,31 +28,31 @@ var (
 // differ, for mounts the fast path does not handle); a Differ made by
 // NewApplier, which compares nothing, counts nothing.
 var (
-	compares        metrics.LabeledCounter
-	compareDuration metrics.LabeledTimer
+	compares        = metricsNS.NewLabeledCounter("compares", "diffs computed (layers exported), by path (fast: from the upper directory; fallback: containerd's walking differ) and result (ok, error)", "path", "result")
+	compareDuration = metricsNS.NewLabeledTimerWithBuckets("compare_duration", "time to compute one diff, by path", durationBounds, "path")
 )
 
-func init() {
-	ns := metrics.NewNamespace("containerd", "fuse_overlayfs", nil)
-	unpacks = ns.NewLabeledCounter("unpacks", "layers applied, by path (direct, fallback) and result (ok, error)", "path", "result")
-	unpackBytes = ns.NewLabeledCounter("unpacked_bytes", "uncompressed bytes of the layers applied, by path", "path")
-	unpackDuration = ns.NewLabeledTimerWithBuckets("unpack_duration", "time to apply one layer, by path",
-		[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}, "path")
-	compares = ns.NewLabeledCounter("compares", "diffs computed (layers exported), by path (fast: from the upper directory; fallback: containerd's walking differ) and result (ok, error)", "path", "result")
-	compareDuration = ns.NewLabeledTimerWithBuckets("compare_duration", "time to compute one diff, by path",
-		[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}, "path")
-	for _, p := range []string{"fast", "fallback"} {
-		for _, r := range []string{"ok", "error"} {
-			compares.WithValues(p, r).Inc(0)
+var registerOnce sync.Once
+
+// RegisterMetrics adds the differ's unpack and compare metrics to the
+// default Prometheus registry (github.com/docker/go-metrics), every series
+// at 0 first; later calls do nothing. Importing the package registers
+// nothing: the plugin and the gRPC server call this.
+func RegisterMetrics() {
+	registerOnce.Do(func() {
+		for _, p := range []string{"fast", "fallback"} {
+			for _, r := range []string{"ok", "error"} {
+				compares.WithValues(p, r).Inc(0)
+			}
 		}
-	}
-	for _, p := range []string{"direct", "fallback"} {
-		for _, r := range []string{"ok", "error"} {
-			unpacks.WithValues(p, r).Inc(0)
+		for _, p := range []string{"direct", "fallback"} {
+			for _, r := range []string{"ok", "error"} {
+				unpacks.WithValues(p, r).Inc(0)
+			}
+			unpackBytes.WithValues(p).Inc(0)
 		}
-		unpackBytes.WithValues(p).Inc(0)
-	}
-	metrics.Register(ns)
+		metrics.Register(metricsNS)
+	})
 }
 
 // Apply extracts the layer desc into the active snapshot the mounts belong

@@ -76,6 +76,7 @@ func checkCounts(t *testing.T, what string, before [6]float64, delta [6]float64)
 // error as an error), one of other mounts on the fallback path.
 func TestCompareMetrics(t *testing.T) {
 	testutil.RequireFUSE(t)
+	RegisterMetrics()
 	t.Cleanup(func() { testutil.RequireNoLeftovers(t, "TestCompareMetrics") })
 	e := newEnv(t)
 	dif := e.differ()
@@ -114,3 +115,34 @@ func TestCompareMetrics(t *testing.T) {
 	}
 	checkCounts(t, "bind mounts of other directories", before, [6]float64{0, 0, 1, 0, 0, 1})
 }
+
+// TestImportRegistersNothing: importing the differ adds no metric to the
+// default registry; RegisterMetrics adds them all at 0, and a second call is
+// harmless.
+func TestImportRegistersNothing(t *testing.T) {
+	if registeredAtStart {
+		t.Fatal("importing differ registered its metrics in the default registry")
+	}
+	RegisterMetrics()
+	RegisterMetrics()
+	for _, name := range []string{"containerd_fuse_overlayfs_compares_total", "containerd_fuse_overlayfs_unpacks_total"} {
+		if v := metricValue(t, name, map[string]string{"path": "fallback", "result": "error"}); v != 0 {
+			t.Fatalf("%s{fallback,error} = %v before any layer, want 0", name, v)
+		}
+	}
+}
+
+// registeredAtStart records, before any test runs, whether the package's
+// metrics were already in the default registry.
+var registeredAtStart = func() bool {
+	families, err := prometheus.DefaultGatherer.Gather()
+	if err != nil {
+		return true
+	}
+	for _, f := range families {
+		if strings.HasPrefix(f.GetName(), "containerd_fuse_overlayfs_") {
+			return true
+		}
+	}
+	return false
+}()

@@ -51,6 +51,7 @@ func initDiffer(ic *plugin.InitContext) (any, error) {
 	} else if !errors.Is(err, plugin.ErrPluginNotFound) {
 		return nil, err
 	}
+	differ.RegisterMetrics()
 	cs := db.ContentStore()
 	opts := []differ.Opt{differ.WithFallback(apply.NewFileSystemApplierWithMountManager(cs, mm))}
 	roots, kinds := snapshotterRoot(ic)

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/docker/go-metrics"
 
+	"github.com/fosnap/fuseoverlayfs/differ"
 	"github.com/fosnap/fuseoverlayfs/monitor"
 )
 
@@ -54,6 +55,7 @@ func checkMetricsAddress(addr string) error {
 // 0600 in a checked 0700 directory). The returned function stops it.
 func serveMetrics(addr string) (func(), error) {
 	monitor.Register()
+	differ.RegisterMetrics()
 	var l net.Listener
 	var err error
 	if p, ok := strings.CutPrefix(addr, "unix:"); ok {
