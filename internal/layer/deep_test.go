@@ -56,63 +56,20 @@ func BenchmarkDeepPaths(b *testing.B) {
 
 func benchDeep(b *testing.B, ctx context.Context, depth int) {
 	layers := deepLayers(depth, 8)
-	lowerTar, upperTar := tarBytes(b, layers[0]), tarBytes(b, layers[1])
-	base := b.TempDir()
-	lower := filepath.Join(base, "lower", "fs")
-	if err := os.MkdirAll(lower, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if err := Apply(ctx, lower, bytes.NewReader(lowerTar), Options{Forms: &FallbackForms}); err != nil {
-		b.Fatal(err)
-	}
-	for _, mode := range []string{"apply", "finish", "containerd"} {
-		b.Run(mode, func(b *testing.B) {
-			for i := 0; i < b.N; i++ {
-				deepOnce(b, ctx, mode, base, lower, lowerTar, upperTar)
+	benchOverLower(b, ctx, tarBytes(b, layers[0]), tarBytes(b, layers[1]), &FallbackForms, []string{"apply", "finish", "containerd"},
+		func(mode, snap, upper, lower string, upperTar []byte) error {
+			switch mode {
+			case "apply":
+				return Apply(ctx, upper, bytes.NewReader(upperTar), Options{Lowers: []string{lower}, Forms: &FallbackForms})
+			case "finish":
+				if err := Apply(ctx, upper, bytes.NewReader(upperTar), Options{Detached: true, StateFile: StateFile(snap), Forms: &FallbackForms}); err != nil {
+					return err
+				}
+				return Finish(ctx, upper, StateFile(snap), []string{lower})
 			}
+			_, err := archive.Apply(ctx, upper, bytes.NewReader(upperTar))
+			return err
 		})
-	}
-}
-
-// deepOnce applies upperTar once in a fresh upper directory, timed alone.
-func deepOnce(b *testing.B, ctx context.Context, mode, base, lower string, lowerTar, upperTar []byte) {
-	b.StopTimer()
-	snap, err := os.MkdirTemp(base, "upper-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		b.StopTimer()
-		if err := os.RemoveAll(snap); err != nil {
-			b.Fatal(err)
-		}
-		b.StartTimer()
-	}()
-	upper := filepath.Join(snap, "fs")
-	if err := os.Mkdir(upper, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if mode == "containerd" {
-		// containerd's extraction over the lower's content.
-		if _, err := archive.Apply(ctx, upper, bytes.NewReader(lowerTar)); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.StartTimer()
-	switch mode {
-	case "apply":
-		err = Apply(ctx, upper, bytes.NewReader(upperTar), Options{Lowers: []string{lower}, Forms: &FallbackForms})
-	case "finish":
-		err = Apply(ctx, upper, bytes.NewReader(upperTar), Options{Detached: true, StateFile: StateFile(snap), Forms: &FallbackForms})
-		if err == nil {
-			err = Finish(ctx, upper, StateFile(snap), []string{lower})
-		}
-	default:
-		_, err = archive.Apply(ctx, upper, bytes.NewReader(upperTar))
-	}
-	if err != nil {
-		b.Fatal(err)
-	}
 }
 
 // TestLinkThroughChangedSymlink generates hard links made through a

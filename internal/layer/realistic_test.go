@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -49,55 +47,12 @@ func BenchmarkRealisticLayer(b *testing.B) {
 	testutil.RequireRoot(b)
 	ctx := context.Background()
 	layers := realisticLayers(12000)
-	lowerTar, upperTar := tarBytes(b, layers[0]), tarBytes(b, layers[1])
-	base := b.TempDir()
-	lower := filepath.Join(base, "lower", "fs")
-	if err := os.MkdirAll(lower, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if err := Apply(ctx, lower, bytes.NewReader(lowerTar), Options{}); err != nil {
-		b.Fatal(err)
-	}
-	for _, mode := range []string{"ours", "containerd"} {
-		b.Run(mode, func(b *testing.B) {
-			for i := 0; i < b.N; i++ {
-				realisticOnce(b, ctx, mode, base, lower, lowerTar, upperTar)
+	benchOverLower(b, ctx, tarBytes(b, layers[0]), tarBytes(b, layers[1]), nil, []string{"ours", "containerd"},
+		func(mode, _, upper, lower string, upperTar []byte) error {
+			if mode == "ours" {
+				return Apply(ctx, upper, bytes.NewReader(upperTar), Options{Lowers: []string{lower}})
 			}
+			_, err := archive.Apply(ctx, upper, bytes.NewReader(upperTar))
+			return err
 		})
-	}
-}
-
-// realisticOnce applies upperTar once over the lower: ours in a layer of
-// its own, containerd's archive.Apply in a copy of the lower's content.
-func realisticOnce(b *testing.B, ctx context.Context, mode, base, lower string, lowerTar, upperTar []byte) {
-	b.StopTimer()
-	snap, err := os.MkdirTemp(base, "upper-")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		b.StopTimer()
-		if err := os.RemoveAll(snap); err != nil {
-			b.Fatal(err)
-		}
-		b.StartTimer()
-	}()
-	upper := filepath.Join(snap, "fs")
-	if err := os.Mkdir(upper, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	if mode == "containerd" {
-		if _, err := archive.Apply(ctx, upper, bytes.NewReader(lowerTar)); err != nil {
-			b.Fatal(err)
-		}
-	}
-	b.StartTimer()
-	if mode == "ours" {
-		err = Apply(ctx, upper, bytes.NewReader(upperTar), Options{Lowers: []string{lower}})
-	} else {
-		_, err = archive.Apply(ctx, upper, bytes.NewReader(upperTar))
-	}
-	if err != nil {
-		b.Fatal(err)
-	}
 }
