@@ -373,13 +373,16 @@ func checkWords(t *testing.T, what, block string, want []string) {
 
 // buildingDocBlock returns the text of the n-th (from 0) code block of
 // language lang in the section of docs/building.md under heading.
+// buildingDoc is the BuildKit guide, relative to the repository.
+const buildingDoc = "docs/building.md"
+
 func buildingDocBlock(t *testing.T, heading, lang string, n int) string {
 	t.Helper()
 	root, err := harness.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile(filepath.Join(root, "docs", "building.md"))
+	data, err := os.ReadFile(filepath.Join(root, buildingDoc))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,7 +56,8 @@ func codeBlocks(doc, lang string) []string {
 // load those), the README's configuration-keys block (decoded here by
 // containerd's own loader into our Config, which must validate and hold the
 // defaults it claims), or docs/rootless.md's nerdctl block (compared with
-// what nerdctl's tool prints by TestNerdctlSetupTool).
+// what nerdctl's tool prints by TestNerdctlSetupTool), or docs/building.md's
+// blocks TestBuildingDoc checks.
 func TestReadmeConfigBlocksLoaded(t *testing.T) {
 	root, err := harness.RepoRoot()
 	if err != nil {
@@ -84,6 +85,12 @@ func TestReadmeConfigBlocksLoaded(t *testing.T) {
 		t.Fatal(err)
 	}
 	nerdctlBlock := readmeBlock(t, string(rootless), nerdctlSetupHeading, "toml", 0)
+	// TestBuildingDoc loads these against the shipped config and what the
+	// BuildKit tests write.
+	buildingBlocks := []string{
+		buildingDocBlock(t, "## 1. containerd", "toml", 0),
+		buildingDocBlock(t, "## 2. buildkitd", "toml", 0),
+	}
 	keysSeen := false
 	for _, doc := range docs {
 		data, err := os.ReadFile(doc)
@@ -96,6 +103,7 @@ func TestReadmeConfigBlocksLoaded(t *testing.T) {
 				switch {
 				case slices.Contains(files, b):
 				case rel == rootlessDoc && b == nerdctlBlock:
+				case rel == buildingDoc && slices.Contains(buildingBlocks, b):
 				case rel == "README.md" && strings.HasPrefix(b, "[plugins.'io.containerd.snapshotter.v1.fuse-overlayfs']"):
 					keysSeen = true
 					wantDefaults(t, b)
