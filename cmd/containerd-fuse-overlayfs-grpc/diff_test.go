@@ -350,17 +350,7 @@ func TestDiffOverGRPC(t *testing.T) {
 	if _, err := sn.Stat(ctx, "upper"); err != nil {
 		t.Fatalf("after SIGHUP: %v", err)
 	}
-	for _, key := range []string{"view", "missing-extract", "mapped", "upper", "base"} {
-		if err := sn.Remove(ctx, key); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if code := srv.exitCode(); code != 0 {
-		t.Fatalf("exit %d after SIGTERM:\n%s", code, srv.out)
-	}
+	removeAndStop(ctx, t, sn, srv, "view", "missing-extract", "mapped", "upper", "base")
 	testutil.RequireNoLeftovers(t, root)
 }
 
@@ -372,4 +362,21 @@ func (s *server) waitLog(text string) error {
 		}
 		return nil
 	})
+}
+
+// removeAndStop removes the snapshots keys (newest first) through sn, then
+// stops the server with SIGTERM and checks that it exits 0.
+func removeAndStop(ctx context.Context, t *testing.T, sn snapshots.Snapshotter, srv *server, keys ...string) {
+	t.Helper()
+	for _, key := range keys {
+		if err := sn.Remove(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := srv.exitCode(); code != 0 {
+		t.Fatalf("exit %d after SIGTERM:\n%s", code, srv.out)
+	}
 }

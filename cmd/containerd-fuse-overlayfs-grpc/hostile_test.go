@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	diffapi "github.com/containerd/containerd/api/services/diff/v1"
@@ -189,17 +188,7 @@ func TestHostileDiffRequests(t *testing.T) {
 	if got, err := d.Apply(ctx, desc, active); err != nil || got.Digest != diffID {
 		t.Fatalf("a good Apply after the hostile ones: %v, %v\n%s", got.Digest, err, srv.out)
 	}
-	for _, key := range []string{"active", "victim", "base"} {
-		if err := sn.Remove(ctx, key); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := srv.proc.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if code := srv.exitCode(); code != 0 {
-		t.Fatalf("exit %d after SIGTERM:\n%s", code, srv.out)
-	}
+	removeAndStop(ctx, t, sn, srv, "active", "victim", "base")
 	assertEmptyDir(t, filepath.Join(outside, "fs"))
 	testutil.RequireNoLeftovers(t, root)
 }

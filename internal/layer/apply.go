@@ -46,17 +46,17 @@ type writer struct {
 	rec      records
 	buf      []byte
 
-	layerPath  string               // the layer directory, as the snapshotter named it
-	opaqueDone map[string]bool      // directories whose whiteouts an opaque marker dropped
-	relocating bool                 // Finish is placing moved entries (see relocate)
-	implied    map[string]bool      // Finish: the implied directories, by their path at apply time
-	looked     []string             // positions rootPath looked at, for the cache
-	broken     bool                 // Finish failed while moving entries
-	followed   []string             // Finish: the layer's symlinks later entries went through
-	linkMemos  map[string]*linkMemo // hard link targets found, by name, until their path changes
+	layerPath  string          // the layer directory, as the snapshotter named it
+	opaqueDone map[string]bool // directories whose whiteouts an opaque marker dropped
+	relocating bool            // Finish is placing moved entries (see relocate)
+	implied    map[string]bool // Finish: the implied directories, by their path at apply time
+	looked     []string        // positions rootPath looked at, for the cache
+	broken     bool            // Finish failed while moving entries
+	followed   []string        // Finish: the layer's symlinks later entries went through
 }
 
-// maxLinkMemos bounds linkMemos; a layer links to few files at a time.
+// maxLinkMemos bounds the link memos cached; a layer links to few files at
+// a time.
 const maxLinkMemos = 32
 
 // linkMemo remembers where a hard link target was found: layers link many
@@ -123,8 +123,8 @@ func newWriter(ctx context.Context, root string, lowers []string, forms *Forms) 
 	if err != nil {
 		return nil, err
 	}
-	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache(), layerPath: root, opaqueDone: map[string]bool{},
-		linkMemos: map[string]*linkMemo{}}
+	view.cache()
+	w := &writer{ctx: ctx, root: view.roots[0], view: view, cache: newDirCache(), layerPath: root, opaqueDone: map[string]bool{}}
 	if forms != nil {
 		w.forms = *forms
 	} else {
@@ -143,12 +143,8 @@ func (w *writer) close() {
 // it are forgotten.
 func (w *writer) changed(rel string) {
 	w.cache.forget(rel)
+	w.view.forget(rel)
 	delete(w.opaqueDone, rel)
-	for name, m := range w.linkMemos {
-		if under(join(m.rdir, m.base), rel) {
-			delete(w.linkMemos, name)
-		}
-	}
 }
 
 // removed is called after rel was removed from the layer.
@@ -389,7 +385,7 @@ func (w *writer) hardLink(parent *dirFD, base string, hdr *tar.Header) error {
 // it, and so does ours.
 func (w *writer) linkMeta(parent *dirFD, base string, st *unix.Stat_t, hdr *tar.Header) error {
 	ts := entryTimes(hdr)
-	m := w.linkMemos[hdr.Linkname]
+	m := w.cache.memo(hdr.Linkname)
 	if st.Uid == uint32(hdr.Uid) && st.Gid == uint32(hdr.Gid) && st.Mode&0o7777 == uint32(hdr.Mode&0o7777) &&
 		st.Mtim == ts[1] && st.Atim == ts[0] && !hasXattrs(hdr) {
 		if done, err := w.linkHasNoCaps(parent, base, m); done || err != nil {
@@ -466,7 +462,7 @@ func (w *writer) fastLink(parent *dirFD, base string, hdr *tar.Header) (bool, er
 // apply a target not in this layer is nil: Finish makes the link.
 func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, error) {
 	var st0 unix.Stat_t
-	if m := w.linkMemos[name]; m != nil {
+	if m := w.cache.memo(name); m != nil {
 		if join(m.rdir, m.base) == linkRel {
 			return nil, "", st0, fmt.Errorf("hard link %q points to itself: %w", linkRel, errdefs.ErrInvalidArgument)
 		}
@@ -478,7 +474,12 @@ func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, 
 		return nil, "", st0, fmt.Errorf("hard link to the layer root: %w", errdefs.ErrInvalidArgument)
 	}
 	tdir, tbase := splitDir(t)
+	w.looked = w.looked[:0]
 	rdir, err := w.resolve(w.view, tdir, false)
+	// What the memo depends on: every position the resolution looked at
+	// (a symlink on the way replaced, removed or shadowed), or the cached
+	// entry it came from, and the target itself.
+	positions := append([]string{tdir, rdir, join(rdir, tbase)}, w.looked...)
 	if err != nil {
 		if !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENOTDIR) {
 			return nil, "", st0, err
@@ -505,10 +506,7 @@ func (w *writer) linkSource(name, linkRel string) (*dirFD, string, unix.Stat_t, 
 					return nil, "", st0, fmt.Errorf("copy up hard link target %q: %w", name, err)
 				}
 			}
-			if len(w.linkMemos) >= maxLinkMemos {
-				clear(w.linkMemos)
-			}
-			w.linkMemos[name] = &linkMemo{name: name, rdir: rdir, base: tbase, st: st}
+			w.cache.putMemo(&linkMemo{name: name, rdir: rdir, base: tbase, st: st}, positions)
 			return d, tbase, st, nil
 		}
 	}

@@ -140,3 +140,29 @@ func TestExportCopyUpsLeftOut(t *testing.T) {
 	setX(t, filepath.Join(upper, "m/h"), "user.new", "1")
 	wantNames(t, exportNames(t, upper, lower), "m/", "m/f", "m/g", "m/h")
 }
+
+// TestLowerUserOverlayOpaque: a lower directory a container marked
+// user.overlay.opaque=y (a committed upper keeps it) hides the layers below
+// it, as fuse-overlayfs shows it: a hard link to a file only those layers
+// hold is refused, not copied up from them.
+func TestLowerUserOverlayOpaque(t *testing.T) {
+	s := newStack(t, 3)
+	if err := Apply(context.Background(), s.dirs[0], bytes.NewReader(tarOf(t, dir("d"), file("d/f", "old"))), Options{Lowers: s.lowers(0)}); err != nil {
+		t.Fatal(err)
+	}
+	mid := filepath.Join(s.dirs[1], "d")
+	if err := os.Mkdir(mid, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setxattr(mid, userOpaqueXattr, []byte("y"), 0); err != nil {
+		t.Fatal(err)
+	}
+	err := Apply(context.Background(), s.dirs[2], bytes.NewReader(tarOf(t, hardlink("x", "d/f"))), Options{Lowers: s.lowers(2)})
+	if err == nil {
+		t.Fatal("a hard link to d/f under a user.overlay.opaque lower directory was applied; fuse-overlayfs shows no d/f there")
+	}
+	if _, serr := os.Lstat(filepath.Join(s.dirs[2], "x")); !os.IsNotExist(serr) {
+		t.Errorf("x exists in the layer after the refused link (%v)", serr)
+	}
+	t.Logf("refused: %v", err)
+}

@@ -58,6 +58,9 @@ func (w *writer) finishWithLowers(s *state) error {
 	// In the order the layer made them (parents first): a relocation
 	// that makes a directory opaque hides what later ones would move.
 	for _, d := range s.Implied {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		err := w.finishImplicit(d)
 		w.cache.release()
 		if err != nil {
@@ -68,6 +71,9 @@ func (w *writer) finishWithLowers(s *state) error {
 		return err
 	}
 	for _, d := range s.Listed {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		err := w.finishListed(d)
 		w.cache.release()
 		if err != nil {
@@ -95,11 +101,17 @@ func (w *writer) finishBase(s *state) error {
 		return fmt.Errorf("hard link %q: target %q is not in the layer and the layer has no parent: %w", l.Name, l.Target, errdefs.ErrNotFound)
 	}
 	for _, wh := range s.Whiteouts {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		if err := w.dropWhiteout(wh); err != nil {
 			return err
 		}
 	}
 	for _, o := range s.Opaque {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		d, err := openStrict(w.root, o)
 		if err != nil {
 			if gone(err) {
@@ -158,6 +170,9 @@ func (w *writer) dropWhiteout(rel string) error {
 // before the change, and that order is not kept.
 func (w *writer) checkReplaced(names []string) error {
 	for _, r := range names {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		// The lowers as they are, whatever the layer hides of them now.
 		_, st, found, err := w.view.below().lookup(r)
 		if err != nil {
@@ -189,7 +204,14 @@ func (w *writer) finishImplicit(name string) error {
 	}
 	dir, base := splitDir(rel)
 	if !found {
-		return w.inheritGroup(dir, base)
+		if err := w.inheritGroup(dir, base); err != nil {
+			return err
+		}
+		if p, err := w.dir(dir); err != nil || !p.exists(base) {
+			return err
+		}
+		_, err = w.dir(rel)
+		return err
 	}
 	switch {
 	case isDir(&st):
@@ -202,7 +224,13 @@ func (w *writer) finishImplicit(name string) error {
 			return err
 		}
 		defer src.close()
-		return copyMetaAt(src, base, parent, base)
+		if err := copyMetaAt(src, base, parent, base); err != nil {
+			return err
+		}
+		// Cached for the implied directories below (parents come first):
+		// each then resolves in a constant number of operations.
+		_, err = w.dir(rel)
+		return err
 	case isSymlink(&st):
 		return w.relocate(rel)
 	default:
@@ -390,6 +418,9 @@ func (w *writer) checkMerge(src *dirFD, name string, dst *dirFD, old string) err
 		return err
 	}
 	for _, n := range names {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		ln, wh := logical(from, n)
 		dn, ok, err := dst.lstat(ln)
 		if err != nil {
@@ -468,6 +499,9 @@ func (w *writer) mergeInto(src *dirFD, name string, dst *dirFD, old string) erro
 		return err
 	}
 	for _, n := range names {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		if err := w.mergeEntry(from, n, dst, join(old, n)); err != nil {
 			return err
 		}
@@ -538,6 +572,9 @@ func (w *writer) finishLinks(links []Link) error {
 		g.names = append(g.names, l.Name)
 	}
 	for _, g := range groups {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		err := w.finishLinkGroup(g.target, g.ownCopy, g.names)
 		w.cache.release()
 		if err != nil {
@@ -548,6 +585,9 @@ func (w *writer) finishLinks(links []Link) error {
 		}
 	}
 	for _, l := range links {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		if l.Ghost {
 			err := w.finishGhost(l)
 			w.cache.release()
@@ -587,6 +627,9 @@ func (w *writer) finishLinkGroup(target string, ownCopy bool, names []string) er
 		return fmt.Errorf("hard link target %q: %w", target, err)
 	}
 	for _, n := range names {
+		if err := w.ctx.Err(); err != nil {
+			return err
+		}
 		dir, base := splitDir(n)
 		parent, err := w.dir(dir)
 		if err != nil {
@@ -644,6 +687,9 @@ func (w *writer) copyOfLower(target, name string) (*dirFD, string, error) {
 	tdir, tbase := splitDir(target)
 	rdir, err := w.resolve(lower, tdir, false)
 	if err != nil {
+		if gone(err) && w.layerHas(target) {
+			return nil, "", errLinkOrder()
+		}
 		return nil, "", err
 	}
 	rt := join(rdir, tbase)
@@ -652,6 +698,9 @@ func (w *writer) copyOfLower(target, name string) (*dirFD, string, error) {
 		return nil, "", err
 	}
 	if !found || isDir(&st) {
+		if w.layerHas(target) {
+			return nil, "", errLinkOrder()
+		}
 		return nil, "", fmt.Errorf("not found in the parent layers: %w", errdefs.ErrNotFound)
 	}
 	dir, base := splitDir(name)
@@ -667,4 +716,24 @@ func (w *writer) copyOfLower(target, name string) (*dirFD, string, error) {
 		return nil, "", err
 	}
 	return parent, base, nil
+}
+
+// layerHas tells whether the merged view has the file target now: a link
+// the parents' symlinks lead into what the layer itself wrote.
+func (w *writer) layerHas(target string) bool {
+	tdir, tbase := splitDir(target)
+	rdir, err := w.resolve(w.view, tdir, false)
+	if err != nil {
+		return false
+	}
+	_, st, found, err := w.view.lookup(join(rdir, tbase))
+	return err == nil && found && !isDir(&st)
+}
+
+// errLinkOrder refuses a pending link whose target only the layer has, at
+// a place the layer changed later: which file it named is not known
+// without the parents.
+func errLinkOrder() error {
+	return fmt.Errorf("the parent layers do not have it, the layer has a file there but changed the way to it after the link: "+
+		"apply this layer with its parent known (max_concurrent_unpacks = 1): %w", errdefs.ErrFailedPrecondition)
 }

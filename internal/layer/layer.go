@@ -18,6 +18,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
 
 // Xattrs that mark a directory opaque. fuse-overlayfs reads the trusted one
@@ -83,7 +85,7 @@ func ProbeForms(dir string) Forms {
 // snapshotter made (no name from a layer is involved).
 func probeForms(dir string) Forms {
 	f := FallbackForms
-	tmp, err := os.MkdirTemp(dir, ".probe-")
+	tmp, err := os.MkdirTemp(dir, layout.ProbePrefix)
 	if err != nil {
 		return f
 	}
@@ -148,7 +150,10 @@ func isWhiteoutDev(st *unix.Stat_t) bool {
 // isOpaque reports whether directory d is marked opaque in any of the forms
 // fuse-overlayfs reads.
 func isOpaque(d *dirFD) bool {
-	for _, x := range []string{OpaqueXattrTrusted, OpaqueXattrUser} {
+	// user.overlay.opaque: an unprivileged container can set it on a
+	// directory of its upper layer, a commit keeps it, and fuse-overlayfs
+	// honours it in a lower layer.
+	for _, x := range []string{OpaqueXattrTrusted, OpaqueXattrUser, userOpaqueXattr} {
 		if v, err := d.getXattrSelf(x); err == nil && string(v) == "y" {
 			return true
 		}

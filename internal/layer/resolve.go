@@ -30,6 +30,11 @@ func (w *writer) dir(name string) (*dirFD, error) {
 	if d := w.cache.get(name); d != nil {
 		return d, nil
 	}
+	if !w.relocating {
+		if d, ok, err := w.dirBelow(name); ok || err != nil {
+			return d, err
+		}
+	}
 	real := name
 	w.looked = w.looked[:0]
 	if !w.relocating {
@@ -51,13 +56,49 @@ func (w *writer) dir(name string) (*dirFD, error) {
 	return d, nil
 }
 
+// dirBelow resolves name one component below its parent when the parent
+// resolves to itself (no symlink on its path, the usual case): the parent's
+// handle is cached, so a directory costs a constant number of operations
+// whatever its depth. ok is false where the last component is a symlink
+// (of the layer or the lowers): the general walk follows it.
+func (w *writer) dirBelow(name string) (*dirFD, bool, error) {
+	parent, c := splitDir(name)
+	if c == "" || c == "." || c == ".." {
+		return nil, false, nil
+	}
+	p, err := w.dir(parent)
+	if err != nil {
+		return nil, false, err
+	}
+	if p.rel != parent {
+		return nil, false, nil
+	}
+	k := &walk{w: w, name: name, cur: p, borrowed: p, straight: true}
+	if err := k.step(c); err != nil {
+		k.setCur(w.root)
+		if errors.Is(err, errSymlinkOnPath) {
+			return nil, false, nil
+		}
+		return nil, false, err
+	}
+	// The parent's entry stands for every position above: forgetting it
+	// forgets this one (dirCache.forget).
+	w.cache.put(name, k.cur, []string{parent, name})
+	return k.cur, true, nil
+}
+
+// errSymlinkOnPath stops a walk by dirBelow at a symlink.
+var errSymlinkOnPath = errors.New("symlink on the path")
+
 // walk is one resolution of a name by dir. It holds one open directory at
 // a time.
 type walk struct {
 	w         *writer
 	name      string
 	comps     []string
-	cur       *dirFD // where the walk is, in the layer (owned unless root)
+	cur       *dirFD // where the walk is, in the layer (owned unless root or borrowed)
+	borrowed  *dirFD // a cached handle the walk started from (not closed)
+	straight  bool   // a symlink ends the walk (errSymlinkOnPath)
 	stale     bool   // cur.rel is right but cur.fd is not opened yet (after "..")
 	hops      int
 	traversed []string // every position looked at: what invalidates it
@@ -90,7 +131,7 @@ func (k *walk) run() (*dirFD, error) {
 }
 
 func (k *walk) setCur(d *dirFD) {
-	if k.cur != k.w.root && k.cur != d {
+	if k.cur != k.w.root && k.cur != k.borrowed && k.cur != d {
 		k.cur.close()
 	}
 	k.cur, k.stale = d, false
@@ -149,6 +190,9 @@ func (k *walk) step(c string) error {
 			k.setCur(d)
 			return nil
 		case isSymlink(&st):
+			if k.straight {
+				return errSymlinkOnPath
+			}
 			if k.w.relocating {
 				return fmt.Errorf("resolve %s: %w", next, errReplacedOnPath)
 			}
@@ -174,6 +218,9 @@ func (k *walk) step(c string) error {
 			case isDir(&lst):
 				return k.copyUpDir(c, li)
 			case isSymlink(&lst):
+				if k.straight {
+					return errSymlinkOnPath
+				}
 				target, err := k.w.view.readlink(li, next)
 				if err != nil {
 					return err
@@ -304,6 +351,9 @@ func (w *writer) resolve(s *layerStack, name string, partial bool) (string, erro
 		if d := w.cache.get(name); d != nil {
 			return d.rel, nil
 		}
+		if real, ok, err := w.resolveBelow(name, partial); ok || err != nil {
+			return real, err
+		}
 	}
 	real, err := w.rootPath(s, name)
 	if err != nil || partial {
@@ -319,6 +369,38 @@ func (w *writer) resolve(s *layerStack, name string, partial bool) (string, erro
 		}
 	}
 	return real, nil
+}
+
+// resolveBelow is resolve where the parent is cached and resolves to
+// itself: name resolves to itself unless it is a symlink (one lookup,
+// whatever the depth). ok is false where rootPath must do it.
+func (w *writer) resolveBelow(name string, partial bool) (string, bool, error) {
+	parent, c := splitDir(name)
+	if c == "" || c == "." || c == ".." {
+		return "", false, nil
+	}
+	if parent != "" {
+		if p := w.cache.get(parent); p == nil || p.rel != parent {
+			return "", false, nil
+		}
+	}
+	_, st, found, err := w.view.lookup(name)
+	switch {
+	case err != nil:
+		return "", true, err
+	case found && isSymlink(&st):
+		return "", false, nil
+	}
+	// What the result depends on, for a link memo (linkSource).
+	w.looked = append(w.looked, parent, name)
+	switch {
+	case partial:
+	case !found:
+		return "", true, fmt.Errorf("resolve %s: %w", name, unix.ENOENT)
+	case !isDir(&st):
+		return "", true, fmt.Errorf("resolve %s: %w", name, unix.ENOTDIR)
+	}
+	return name, true, nil
 }
 
 // readlink reads the symlink rel of layer li.
@@ -340,33 +422,52 @@ var (
 	errReplacedOnPath = errors.New("the layer replaced a directory on the way by a symlink")
 )
 
-// dirCache remembers resolved directory names with their handles. Each
-// entry lists the positions its resolution looked at; a change at any
-// position (created, removed, replaced, whited out, made opaque) forgets
-// every entry that looked at it, and so every entry whose resolution
-// passed through or below it (a walk reaches a path only through its
-// parents).
+// dirCache remembers resolved directory names with their handles, and
+// where hard link targets were found (linkMemo). Each entry lists the
+// positions its resolution looked at; a change at any position (created,
+// removed, replaced, whited out, made opaque) forgets every entry that
+// looked at it, and so every entry whose resolution passed through or
+// below it (a walk reaches a path only through its parents). An entry
+// resolved from its parent's (dirBelow) lists the parent's name as a
+// position: forgetting an entry forgets those too.
 type dirCache struct {
 	byName  map[string]*dirFD
 	byPos   map[string][]string
+	memos   map[string]*linkMemo
+	memoPos map[string][]string
 	retired []*dirFD
 }
 
-const maxCached = 512
+// maxCached bounds the handles cached: more than a chain of directories
+// as deep as a path can go (PATH_MAX / 2).
+const maxCached = 2560
 
 func newDirCache() dirCache {
-	return dirCache{byName: map[string]*dirFD{}, byPos: map[string][]string{}}
+	return dirCache{byName: map[string]*dirFD{}, byPos: map[string][]string{},
+		memos: map[string]*linkMemo{}, memoPos: map[string][]string{}}
 }
 
 func (c *dirCache) get(name string) *dirFD { return c.byName[name] }
 
 func (c *dirCache) put(name string, d *dirFD, traversed []string) {
-	if len(c.byName) >= maxCached {
-		c.clear()
-	}
 	c.byName[name] = d
 	for _, p := range traversed {
 		c.byPos[p] = append(c.byPos[p], name)
+	}
+}
+
+// memo returns the link memo of the target name, if still right.
+func (c *dirCache) memo(name string) *linkMemo { return c.memos[name] }
+
+// putMemo remembers a link memo until a position it depends on changes.
+func (c *dirCache) putMemo(m *linkMemo, positions []string) {
+	if len(c.memos) >= maxLinkMemos {
+		clear(c.memos)
+		clear(c.memoPos)
+	}
+	c.memos[m.name] = m
+	for _, p := range positions {
+		c.memoPos[p] = append(c.memoPos[p], m.name)
 	}
 }
 
@@ -378,13 +479,19 @@ func (c *dirCache) forget(pos string) {
 		c.clear()
 		return
 	}
-	for _, name := range c.byPos[pos] {
+	for _, name := range c.memoPos[pos] {
+		delete(c.memos, name)
+	}
+	delete(c.memoPos, pos)
+	names := c.byPos[pos]
+	delete(c.byPos, pos)
+	for _, name := range names {
 		if d, ok := c.byName[name]; ok {
 			c.retired = append(c.retired, d)
 			delete(c.byName, name)
+			c.forget(name)
 		}
 	}
-	delete(c.byPos, pos)
 }
 
 func (c *dirCache) clear() {
@@ -393,10 +500,17 @@ func (c *dirCache) clear() {
 	}
 	clear(c.byName)
 	clear(c.byPos)
+	clear(c.memos)
+	clear(c.memoPos)
 }
 
-// release closes the handles forgotten since the last call.
+// release closes the handles forgotten since the last call, and starts
+// again when the cache is full: between entries, where no handle is in use
+// (an entry's resolution relies on its parents staying cached).
 func (c *dirCache) release() {
+	if len(c.byName) >= maxCached {
+		c.clear()
+	}
 	for _, d := range c.retired {
 		d.close()
 	}

@@ -10,7 +10,36 @@ import (
 type layerStack struct {
 	roots  []*dirFD
 	opaque []bool // whether each layer's root is opaque
+	// dirs, when not nil, caches the merged view's directories with
+	// handles on them in each layer, so that a lookup costs a constant
+	// whatever its depth. A writer keeps it right: every change of the top
+	// layer at a position drops what was cached at and below it (forget).
+	dirs *stackDir
+	// handles counts the handles dirs holds.
+	handles int
+	// lower is below(), kept so that its cache lasts (the lowers do not
+	// change while a layer is written).
+	lower *layerStack
 }
+
+// stackDir is a directory of the merged view: the layers that show it,
+// newest first, each with a handle on it.
+type stackDir struct {
+	layers []shownDir
+	kids   map[string]*stackDir
+}
+
+// shownDir is a layer's directory in a stackDir. The last one shown may be
+// opaque (in itself or by an ancestor in its layer): nothing below shows.
+type shownDir struct {
+	li     int
+	d      *dirFD // owned unless it is the layer's root
+	opaque bool
+}
+
+// maxStackHandles bounds the handles a cached view holds; past it the
+// cache starts again.
+const maxStackHandles = 4096
 
 // openStack opens the layer directories dirs (paths the snapshotter built).
 func openStack(dirs []string) (*layerStack, error) {
@@ -28,14 +57,176 @@ func openStack(dirs []string) (*layerStack, error) {
 }
 
 func (s *layerStack) close() {
+	s.dropCache()
+	if s.lower != nil {
+		s.lower.dropCache()
+	}
 	for _, r := range s.roots {
 		r.close()
 	}
 }
 
 // below is the view of the layers under the top one (sharing its handles).
+// A cached view gives a cached one.
 func (s *layerStack) below() *layerStack {
-	return &layerStack{roots: s.roots[1:], opaque: s.opaque[1:]}
+	if s.lower != nil {
+		return s.lower
+	}
+	l := &layerStack{roots: s.roots[1:], opaque: s.opaque[1:]}
+	if s.dirs != nil {
+		l.cache()
+		s.lower = l
+	}
+	return l
+}
+
+// cache turns on the directory cache (see layerStack.dirs).
+func (s *layerStack) cache() {
+	s.dropCache()
+	root := &stackDir{}
+	for li, r := range s.roots {
+		root.layers = append(root.layers, shownDir{li: li, d: r, opaque: s.opaque[li]})
+		if s.opaque[li] {
+			break
+		}
+	}
+	s.dirs = root
+}
+
+// dropCache closes what the cache holds and starts it again (if on).
+func (s *layerStack) dropCache() {
+	if s.dirs == nil {
+		return
+	}
+	s.dirs.closeAll(s)
+	s.dirs = nil
+	s.handles = 0
+	if s.lower != nil {
+		s.lower.dropCache()
+		s.lower = nil
+	}
+}
+
+func (n *stackDir) closeAll(s *layerStack) {
+	for _, k := range n.kids {
+		k.closeAll(s)
+	}
+	for _, l := range n.layers {
+		if l.d != s.roots[l.li] {
+			l.d.close()
+		}
+	}
+}
+
+// forget drops what the cache knows at and below rel, which changed in the
+// top layer.
+func (s *layerStack) forget(rel string) {
+	if s.dirs == nil {
+		return
+	}
+	if rel == "" {
+		s.cache()
+		return
+	}
+	dir, base := splitDir(rel)
+	p := s.dirs
+	for _, c := range splitRel(dir) {
+		if p = p.kids[c]; p == nil {
+			return
+		}
+	}
+	if k := p.kids[base]; k != nil {
+		delete(p.kids, base)
+		k.closeAll(s)
+	}
+}
+
+// shown returns the cached directory rel of the merged view (made as
+// needed, parents first): as lookupIn walks each layer, but each
+// directory opened once.
+func (s *layerStack) shown(rel string) (*stackDir, error) {
+	n := s.dirs
+	for _, c := range splitRel(rel) {
+		k := n.kids[c]
+		if k == nil {
+			var err error
+			if k, err = s.showChild(n, c); err != nil {
+				return nil, err
+			}
+			if n.kids == nil {
+				n.kids = map[string]*stackDir{}
+			}
+			n.kids[c] = k
+		}
+		n = k
+	}
+	return n, nil
+}
+
+// showChild finds which layers show the directory c of n.
+func (s *layerStack) showChild(n *stackDir, c string) (*stackDir, error) {
+	k := &stackDir{}
+	for _, l := range n.layers {
+		st, ok, err := l.d.lstat(c)
+		if err != nil {
+			k.closeAll(s)
+			return nil, err
+		}
+		if !ok {
+			if l.opaque || l.d.exists(whPrefix+c) {
+				break
+			}
+			continue
+		}
+		if isWhiteoutDev(&st) || !isDir(&st) {
+			break // a non-directory hides whatever lower layers have
+		}
+		d, err := l.d.open(c)
+		if err != nil {
+			k.closeAll(s)
+			return nil, err
+		}
+		s.handles++
+		o := l.opaque || isOpaque(d)
+		k.layers = append(k.layers, shownDir{li: l.li, d: d, opaque: o})
+		if o {
+			break
+		}
+	}
+	return k, nil
+}
+
+// lookupCached is lookup through the cache; from skips the layers above
+// it (lookupUnder).
+func (s *layerStack) lookupCached(rel string, from int) (int, unix.Stat_t, bool, error) {
+	if s.handles > maxStackHandles {
+		s.cache()
+	}
+	dir, base := splitDir(rel)
+	n, err := s.shown(dir)
+	if err != nil {
+		return 0, unix.Stat_t{}, false, err
+	}
+	for _, l := range n.layers {
+		if l.li < from {
+			continue
+		}
+		st, ok, err := l.d.lstat(base)
+		if err != nil {
+			return 0, st, false, err
+		}
+		if !ok {
+			if l.opaque || l.d.exists(whPrefix+base) {
+				return 0, st, false, nil
+			}
+			continue
+		}
+		if isWhiteoutDev(&st) {
+			return 0, st, false, nil
+		}
+		return l.li, st, true, nil
+	}
+	return 0, unix.Stat_t{}, false, nil
 }
 
 type lookupResult int
@@ -53,6 +244,9 @@ func (s *layerStack) lookup(rel string) (int, unix.Stat_t, bool, error) {
 	comps := splitRel(rel)
 	if len(comps) == 0 || len(s.roots) == 0 {
 		return 0, unix.Stat_t{}, false, nil
+	}
+	if s.dirs != nil {
+		return s.lookupCached(rel, 0)
 	}
 	for li, root := range s.roots {
 		res, st, err := lookupIn(root, s.opaque[li], comps)
@@ -116,6 +310,17 @@ func lookupIn(root *dirFD, opaque bool, comps []string) (lookupResult, unix.Stat
 // openDir opens the directory rel of layer li, every component a real
 // directory (nothing followed).
 func (s *layerStack) openDir(li int, rel string) (*dirFD, error) {
+	if s.dirs != nil && rel != "" {
+		// The cached handle, where the merged view shows that layer's
+		// directory: the same directory openStrict would reach.
+		if n, err := s.shown(rel); err == nil {
+			for _, l := range n.layers {
+				if l.li == li {
+					return l.d.reopen()
+				}
+			}
+		}
+	}
 	return openStrict(s.roots[li], rel)
 }
 
@@ -142,6 +347,12 @@ func openStrict(root *dirFD, rel string) (*dirFD, error) {
 // through it: nothing if the top layer hides rel's parent (whited out,
 // opaque, a non-directory) whatever the top holds at rel itself.
 func (s *layerStack) lookupUnder(rel string) (int, unix.Stat_t, bool, error) {
+	if s.dirs != nil {
+		if rel == "" {
+			return 0, unix.Stat_t{}, false, nil
+		}
+		return s.lookupCached(rel, 1)
+	}
 	hidden, err := s.hiddenByTop(rel)
 	if err != nil || hidden {
 		return 0, unix.Stat_t{}, false, err
@@ -181,4 +392,14 @@ func (s *layerStack) hiddenByTop(rel string) (bool, error) {
 		opaque = opaque || isOpaque(d)
 	}
 	return opaque, nil
+}
+
+// reopen opens a new handle on the directory d.
+func (d *dirFD) reopen() (*dirFD, error) {
+	countOps(1)
+	fd, err := unix.Openat(d.fd, ".", dirFlags, 0)
+	if err != nil {
+		return nil, d.err("open", ".", err)
+	}
+	return &dirFD{fd: fd, rel: d.rel}, nil
 }

@@ -180,14 +180,4 @@ func (b *Buildkitd) Build(ctx context.Context, dir, output string) (string, erro
 }
 
 // LogTail returns the last n lines of buildkitd's log.
-func (b *Buildkitd) LogTail(n int) string {
-	data, err := os.ReadFile(b.LogPath)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func (b *Buildkitd) LogTail(n int) string { return fileTail(b.LogPath, n) }

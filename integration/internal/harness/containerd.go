@@ -240,8 +240,12 @@ func (c *Containerd) Restart(ctx context.Context) error {
 }
 
 // LogTail returns the last n lines of containerd's log.
-func (c *Containerd) LogTail(n int) string {
-	data, err := os.ReadFile(c.LogPath)
+func (c *Containerd) LogTail(n int) string { return fileTail(c.LogPath, n) }
+
+// fileTail returns the last n lines of the file at path, or why it cannot
+// be read.
+func fileTail(path string, n int) string {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return err.Error()
 	}
