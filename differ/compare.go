@@ -114,40 +114,74 @@ func (d *Differ) compareFast(ctx context.Context, upperDir string, lowers []stri
 // writeFast writes the diff of upper over lower from the upper layer
 // directory, as containerd's walking differ writes it: the same options
 // (media type and compression, custom compressor, labels, source date
-// epoch, reference), the same content store calls and labels.
+// epoch, reference), the same content store calls and labels. The steps
+// are a port of walkingDiff.Compare in containerd v2.4.2
+// plugins/diff/walking/differ.go, with layer.Export in place of
+// archive.WriteDiff over two mounts.
 func (d *Differ) writeFast(ctx context.Context, upperDir string, lowers []string, opts ...diff.Opt) (ocispec.Descriptor, error) {
+	config, compressionType, err := diffConfig(ctx, opts)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	start := time.Now()
+	cw, abort, err := d.openDiffWriter(ctx, &config)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	exportOpts := layer.ExportOptions{Lowers: lowers, SourceDateEpoch: config.SourceDateEpoch}
+	if err := writeLayer(ctx, cw, &config, compressionType, upperDir, exportOpts); err != nil {
+		abort()
+		return ocispec.Descriptor{}, err
+	}
+	dgst, err := commitDiff(ctx, cw, config.Labels)
+	if err != nil {
+		abort()
+		return ocispec.Descriptor{}, err
+	}
+	info, err := d.labelUncompressed(ctx, dgst, config.Labels[clabels.LabelUncompressed])
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	log.G(ctx).WithFields(log.Fields{"d": time.Since(start), "digest": info.Digest, "upper": upperDir}).Debug("diff written from the upper directory")
+	return ocispec.Descriptor{MediaType: config.MediaType, Size: info.Size, Digest: info.Digest}, nil
+}
+
+// diffConfig applies opts (the source date epoch defaulting to ctx's) and
+// picks the compression of the media type, gzip unless set.
+func diffConfig(ctx context.Context, opts []diff.Opt) (diff.Config, compression.Compression, error) {
 	var config diff.Config
 	for _, opt := range opts {
 		if err := opt(&config); err != nil {
-			return ocispec.Descriptor{}, err
+			return config, 0, err
 		}
 	}
 	if tm := epoch.FromContext(ctx); tm != nil && config.SourceDateEpoch == nil {
 		config.SourceDateEpoch = tm
 	}
-	compressionType := compression.Uncompressed
 	if config.Compressor != nil {
 		if config.MediaType == "" {
-			return ocispec.Descriptor{}, errors.New("media type must be explicitly specified when using custom compressor")
+			return config, 0, errors.New("media type must be explicitly specified when using custom compressor")
 		}
-		compressionType = compression.Unknown
-	} else {
-		if config.MediaType == "" {
-			config.MediaType = ocispec.MediaTypeImageLayerGzip
-		}
-		switch config.MediaType {
-		case ocispec.MediaTypeImageLayer:
-		case ocispec.MediaTypeImageLayerGzip:
-			compressionType = compression.Gzip
-		case ocispec.MediaTypeImageLayerZstd:
-			compressionType = compression.Zstd
-		default:
-			return ocispec.Descriptor{}, fmt.Errorf("unsupported diff media type: %v: %w", config.MediaType, errdefs.ErrNotImplemented)
-		}
+		return config, compression.Unknown, nil
 	}
-	start := time.Now()
-	exportOpts := layer.ExportOptions{Lowers: lowers, SourceDateEpoch: config.SourceDateEpoch}
+	if config.MediaType == "" {
+		config.MediaType = ocispec.MediaTypeImageLayerGzip
+	}
+	switch config.MediaType {
+	case ocispec.MediaTypeImageLayer:
+		return config, compression.Uncompressed, nil
+	case ocispec.MediaTypeImageLayerGzip:
+		return config, compression.Gzip, nil
+	case ocispec.MediaTypeImageLayerZstd:
+		return config, compression.Zstd, nil
+	}
+	return config, 0, fmt.Errorf("unsupported diff media type: %v: %w", config.MediaType, errdefs.ErrNotImplemented)
+}
 
+// openDiffWriter opens the content writer of config's reference (a new
+// unique one if unset, which it then records in config), emptied. abort
+// closes the writer and deletes the upload if the reference is new.
+func (d *Differ) openDiffWriter(ctx context.Context, config *diff.Config) (content.Writer, func(), error) {
 	newReference := false
 	if config.Reference == "" {
 		newReference = true
@@ -156,78 +190,99 @@ func (d *Differ) writeFast(ctx context.Context, upperDir string, lowers []string
 	cw, err := content.OpenWriter(ctx, d.store, content.WithRef(config.Reference),
 		content.WithDescriptor(ocispec.Descriptor{MediaType: config.MediaType}))
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("failed to open writer: %w", err)
+		return nil, nil, fmt.Errorf("failed to open writer: %w", err)
 	}
-	var errOpen error
-	defer func() {
-		if errOpen != nil {
-			_ = cw.Close()
-			if newReference {
-				if abortErr := d.store.Abort(ctx, config.Reference); abortErr != nil {
-					log.G(ctx).WithError(abortErr).WithField("ref", config.Reference).Warn("failed to delete diff upload")
-				}
-			}
+	ref := config.Reference
+	abort := func() {
+		_ = cw.Close()
+		if !newReference {
+			return
 		}
-	}()
+		if err := d.store.Abort(ctx, ref); err != nil {
+			log.G(ctx).WithError(err).WithField("ref", ref).Warn("failed to delete diff upload")
+		}
+	}
 	if !newReference {
-		if errOpen = cw.Truncate(0); errOpen != nil {
-			return ocispec.Descriptor{}, errOpen
+		if err := cw.Truncate(0); err != nil {
+			abort()
+			return nil, nil, err
 		}
 	}
-	if compressionType != compression.Uncompressed {
-		dgstr := digest.SHA256.Digester()
-		var compressed io.WriteCloser
-		if config.Compressor != nil {
-			compressed, errOpen = config.Compressor(cw, config.MediaType)
-		} else {
-			compressed, errOpen = compression.CompressStream(cw, compressionType)
-		}
-		if errOpen != nil {
-			return ocispec.Descriptor{}, fmt.Errorf("failed to get compressed stream: %w", errOpen)
-		}
-		errOpen = layer.Export(ctx, io.MultiWriter(compressed, dgstr.Hash()), upperDir, exportOpts)
-		if cerr := compressed.Close(); errOpen == nil {
-			errOpen = cerr
-		}
-		if errOpen != nil {
-			return ocispec.Descriptor{}, fmt.Errorf("failed to write compressed diff: %w", errOpen)
-		}
-		if config.Labels == nil {
-			config.Labels = map[string]string{}
-		}
-		config.Labels[clabels.LabelUncompressed] = dgstr.Digest().String()
-	} else if errOpen = layer.Export(ctx, cw, upperDir, exportOpts); errOpen != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("failed to write diff: %w", errOpen)
-	}
+	return cw, abort, nil
+}
 
+// writeLayer exports the layer tar of upperDir into cw, compressed as
+// compressionType says; a compressed one gets the uncompressed digest in
+// config's labels.
+func writeLayer(ctx context.Context, cw content.Writer, config *diff.Config, compressionType compression.Compression, upperDir string, exportOpts layer.ExportOptions) error {
+	if compressionType == compression.Uncompressed {
+		if err := layer.Export(ctx, cw, upperDir, exportOpts); err != nil {
+			return fmt.Errorf("failed to write diff: %w", err)
+		}
+		return nil
+	}
+	var compressed io.WriteCloser
+	var err error
+	if config.Compressor != nil {
+		compressed, err = config.Compressor(cw, config.MediaType)
+	} else {
+		compressed, err = compression.CompressStream(cw, compressionType)
+	}
+	if err != nil {
+		return fmt.Errorf("failed to get compressed stream: %w", err)
+	}
+	dgstr := digest.SHA256.Digester()
+	err = layer.Export(ctx, io.MultiWriter(compressed, dgstr.Hash()), upperDir, exportOpts)
+	if cerr := compressed.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("failed to write compressed diff: %w", err)
+	}
+	if config.Labels == nil {
+		config.Labels = map[string]string{}
+	}
+	config.Labels[clabels.LabelUncompressed] = dgstr.Digest().String()
+	return nil
+}
+
+// commitDiff commits what cw holds with labels and returns its digest; a
+// blob already in the store counts as committed.
+func commitDiff(ctx context.Context, cw content.Writer, labels map[string]string) (digest.Digest, error) {
 	var commitopts []content.Opt
-	if config.Labels != nil {
-		commitopts = append(commitopts, content.WithLabels(config.Labels))
+	if labels != nil {
+		commitopts = append(commitopts, content.WithLabels(labels))
 	}
 	dgst := cw.Digest()
-	if errOpen = cw.Commit(ctx, 0, dgst, commitopts...); errOpen != nil {
-		if !errdefs.IsAlreadyExists(errOpen) {
-			return ocispec.Descriptor{}, fmt.Errorf("failed to commit: %w", errOpen)
-		}
-		errOpen = nil
+	if err := cw.Commit(ctx, 0, dgst, commitopts...); err != nil && !errdefs.IsAlreadyExists(err) {
+		return "", fmt.Errorf("failed to commit: %w", err)
 	}
+	return dgst, nil
+}
+
+// labelUncompressed returns the info of the committed blob dgst, giving it
+// the uncompressed-digest label (value uncompressed) if a blob already
+// stored lacked it.
+func (d *Differ) labelUncompressed(ctx context.Context, dgst digest.Digest, uncompressed string) (content.Info, error) {
 	info, err := d.store.Info(ctx, dgst)
 	if err != nil {
-		return ocispec.Descriptor{}, fmt.Errorf("failed to get info from content store: %w", err)
+		return content.Info{}, fmt.Errorf("failed to get info from content store: %w", err)
+	}
+	if _, ok := info.Labels[clabels.LabelUncompressed]; ok {
+		return info, nil
 	}
 	if info.Labels == nil {
 		info.Labels = map[string]string{}
 	}
-	if _, ok := info.Labels[clabels.LabelUncompressed]; !ok {
-		info.Labels[clabels.LabelUncompressed] = config.Labels[clabels.LabelUncompressed]
-		if _, err := d.store.Update(ctx, info, "labels."+clabels.LabelUncompressed); err != nil {
-			return ocispec.Descriptor{}, fmt.Errorf("error setting uncompressed label: %w", err)
-		}
+	info.Labels[clabels.LabelUncompressed] = uncompressed
+	if _, err := d.store.Update(ctx, info, "labels."+clabels.LabelUncompressed); err != nil {
+		return content.Info{}, fmt.Errorf("error setting uncompressed label: %w", err)
 	}
-	log.G(ctx).WithFields(log.Fields{"d": time.Since(start), "digest": info.Digest, "upper": upperDir}).Debug("diff written from the upper directory")
-	return ocispec.Descriptor{MediaType: config.MediaType, Size: info.Size, Digest: info.Digest}, nil
+	return info, nil
 }
 
+// uniqueRef makes an upload reference as uniqueRef in containerd v2.4.2
+// plugins/diff/walking/differ.go does.
 func uniqueRef() string {
 	t := time.Now()
 	var b [3]byte

@@ -26,76 +26,51 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
-// xent is a tar entry of the property test's base layers.
-type xent struct {
-	name, body, link string
-	typ              byte
-	mode             int64
-	uid              int
-	xattr            string
-}
+// owned and withXattr adjust an entry of the property test's base layers.
+func owned(e tartest.Entry, id int) tartest.Entry { e.UID, e.GID = id, id; return e }
 
-func xtar(t *testing.T, ents []xent) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range ents {
-		hdr := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link, Uid: e.uid, Gid: e.uid,
-			ModTime: time.Unix(1600000000, 0), Format: tar.FormatPAX}
-		if e.typ == tar.TypeReg {
-			hdr.Size = int64(len(e.body))
-		}
-		if e.xattr != "" {
-			hdr.PAXRecords = map[string]string{"SCHILY.xattr.user.base": e.xattr}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write([]byte(e.body)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+func withXattr(e tartest.Entry, v string) tartest.Entry {
+	e.Xattrs = map[string]string{"user.base": v}
+	return e
 }
 
 // The parent chain of the property test: a base layer and one that deletes
 // and re-creates things in it (whiteouts and an opaque directory below the
 // container's upper directory).
 var (
-	propBase = []xent{
-		{name: "a/", typ: tar.TypeDir, mode: 0o755},
-		{name: "a/f1", typ: tar.TypeReg, mode: 0o644, body: "one"},
-		{name: "a/f2", typ: tar.TypeReg, mode: 0o600, body: "two", uid: 7, xattr: "x"},
-		{name: "a/b/", typ: tar.TypeDir, mode: 0o750, xattr: "d"},
-		{name: "a/b/g", typ: tar.TypeReg, mode: 0o644, body: "gee"},
-		{name: "a/b/c/", typ: tar.TypeDir, mode: 0o755},
-		{name: "a/b/c/deep", typ: tar.TypeReg, mode: 0o644, body: "deep"},
-		{name: "a/ln", typ: tar.TypeSymlink, link: "f1", mode: 0o777},
-		{name: "a/hl", typ: tar.TypeLink, link: "a/f1"},
-		{name: "d/", typ: tar.TypeDir, mode: 0o755},
-		{name: "d/x", typ: tar.TypeReg, mode: 0o644, body: "x"},
-		{name: "d/y", typ: tar.TypeReg, mode: 0o755, body: "yyyy"},
-		{name: "d/e/", typ: tar.TypeDir, mode: 0o755},
-		{name: "d/e/z", typ: tar.TypeReg, mode: 0o644, body: "z"},
-		{name: "gone", typ: tar.TypeReg, mode: 0o644, body: "gone"},
-		{name: "o/", typ: tar.TypeDir, mode: 0o755},
-		{name: "o/old", typ: tar.TypeReg, mode: 0o644, body: "old"},
-		{name: "p", typ: tar.TypeFifo, mode: 0o644},
-		{name: "top", typ: tar.TypeReg, mode: 0o644, body: "top"},
+	propBase = tartest.Layer{
+		tartest.Dir("a", 0o755),
+		tartest.File("a/f1", 0o644, "one"),
+		withXattr(owned(tartest.File("a/f2", 0o600, "two"), 7), "x"),
+		withXattr(tartest.Dir("a/b", 0o750), "d"),
+		tartest.File("a/b/g", 0o644, "gee"),
+		tartest.Dir("a/b/c", 0o755),
+		tartest.File("a/b/c/deep", 0o644, "deep"),
+		tartest.Symlink("a/ln", "f1"),
+		// Mode 0: containerd's applier chmods the link's target to it.
+		{Path: "a/hl", Type: tar.TypeLink, Link: "a/f1"},
+		tartest.Dir("d", 0o755),
+		tartest.File("d/x", 0o644, "x"),
+		tartest.File("d/y", 0o755, "yyyy"),
+		tartest.Dir("d/e", 0o755),
+		tartest.File("d/e/z", 0o644, "z"),
+		tartest.File("gone", 0o644, "gone"),
+		tartest.Dir("o", 0o755),
+		tartest.File("o/old", 0o644, "old"),
+		{Path: "p", Type: tar.TypeFifo, Mode: 0o644},
+		tartest.File("top", 0o644, "top"),
 	}
-	propMid = []xent{
-		{name: ".wh.gone", typ: tar.TypeReg},
-		{name: "o/", typ: tar.TypeDir, mode: 0o755},
-		{name: "o/.wh..wh..opq", typ: tar.TypeReg},
-		{name: "o/new", typ: tar.TypeReg, mode: 0o644, body: "new"},
-		{name: "d/", typ: tar.TypeDir, mode: 0o755},
-		{name: "d/.wh.y", typ: tar.TypeReg},
-		{name: "d/w", typ: tar.TypeReg, mode: 0o644, body: "w"},
+	propMid = tartest.Layer{
+		tartest.Whiteout("gone"),
+		tartest.Dir("o", 0o755),
+		tartest.Opaque("o"),
+		tartest.File("o/new", 0o644, "new"),
+		tartest.Dir("d", 0o755),
+		tartest.Whiteout("d/y"),
+		tartest.File("d/w", 0o644, "w"),
 	}
 )
 
@@ -314,7 +289,7 @@ func newPropEnv(t *testing.T, unpriv bool) *propEnv {
 	}
 	dif := e.differ(opts...)
 	pe := &propEnv{e: e, fast: dif, walk: walking.NewWalkingDiff(e.store), parent: "mid", unpriv: unpriv,
-		baseTars: [][]byte{xtar(t, propBase), xtar(t, propMid)}}
+		baseTars: [][]byte{layerTar(t, propBase...), layerTar(t, propMid...)}}
 	e.unpack(t, dif, "base", "", "", pe.baseTars[0])
 	e.unpack(t, dif, "mid", "base", "", pe.baseTars[1])
 	return pe

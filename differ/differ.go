@@ -127,6 +127,10 @@ type target struct {
 }
 
 // apply extracts the layer desc into t, the snapshot the mounts belong to.
+// Its steps (options, reader, progress, stream processors, digest of the
+// whole stream, processor errors, syncfs) follow fsApplier.Apply in
+// containerd v2.4.2 core/diff/apply/apply.go, with layer.Apply in place of
+// mounting and extracting through the mounts.
 func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
 	if t.idmapped {
 		if d.fallback == nil {
@@ -152,22 +156,14 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 		defer func() { config.Progress(pr.n) }()
 		r = pr
 	}
-
-	processor := diff.NewProcessorChain(desc.MediaType, r)
-	processors := []diff.StreamProcessor{processor}
-	for {
-		if processor, err = diff.GetProcessor(ctx, processor, config.ProcessorPayloads); err != nil {
-			return ocispec.Descriptor{}, fmt.Errorf("get stream processor for %s: %w", desc.MediaType, err)
-		}
-		processors = append(processors, processor)
-		if processor.MediaType() == ocispec.MediaTypeImageLayer {
-			break
-		}
+	tarStream, processors, err := layerStream(ctx, desc.MediaType, r, &config)
+	if err != nil {
+		return ocispec.Descriptor{}, err
 	}
-	defer func() { _ = processor.Close() }()
+	defer func() { _ = tarStream.Close() }()
 
 	digester := digest.Canonical.Digester()
-	rc := &countReader{r: io.TeeReader(processor, digester.Hash())}
+	rc := &countReader{r: io.TeeReader(tarStream, digester.Hash())}
 	if err := layer.Apply(ctx, t.dir, rc, layer.Options{Lowers: t.lowers, Detached: t.detached, StateFile: t.state, Forms: d.forms}); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("apply layer %s to %s: %w", desc.Digest, t.dir, err)
 	}
@@ -175,12 +171,8 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 	if _, err := io.Copy(io.Discard, rc); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("read layer %s: %w", desc.Digest, err)
 	}
-	for _, p := range processors {
-		if ep, ok := p.(interface{ Err() error }); ok {
-			if err := ep.Err(); err != nil {
-				return ocispec.Descriptor{}, err
-			}
-		}
+	if err := processorsErr(processors); err != nil {
+		return ocispec.Descriptor{}, err
 	}
 	if config.SyncFs {
 		if err := syncFs(t.dir); err != nil {
@@ -189,6 +181,40 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 	}
 	log.G(ctx).WithFields(log.Fields{"d": time.Since(start), "digest": desc.Digest, "dir": t.dir, "detached": t.detached}).Debug("layer applied directly")
 	return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayer, Size: rc.n, Digest: digester.Digest()}, nil
+}
+
+// layerStream chains the stream processors that turn r, a blob of
+// mediaType, into a plain layer tar (config's payloads passed to them). It
+// returns the last processor, the tar to read, and all of them, whose
+// errors show only once the tar is read (processorsErr).
+func layerStream(ctx context.Context, mediaType string, r io.Reader, config *diff.ApplyConfig) (diff.StreamProcessor, []diff.StreamProcessor, error) {
+	processor := diff.NewProcessorChain(mediaType, r)
+	processors := []diff.StreamProcessor{processor}
+	for {
+		next, err := diff.GetProcessor(ctx, processor, config.ProcessorPayloads)
+		if err != nil {
+			_ = processor.Close()
+			return nil, nil, fmt.Errorf("get stream processor for %s: %w", mediaType, err)
+		}
+		processor = next
+		processors = append(processors, processor)
+		if processor.MediaType() == ocispec.MediaTypeImageLayer {
+			return processor, processors, nil
+		}
+	}
+}
+
+// processorsErr returns the first error a stream processor reports (an
+// external one's exit status, for one).
+func processorsErr(processors []diff.StreamProcessor) error {
+	for _, p := range processors {
+		if ep, ok := p.(interface{ Err() error }); ok {
+			if err := ep.Err(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func syncFs(dir string) error {

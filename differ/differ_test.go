@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -25,41 +24,18 @@ import (
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
-type entry struct {
-	name, body, link string
-	typ              byte
-	mode             int64
-}
-
-func layerTar(t *testing.T, ents ...entry) []byte {
+// layerTar is the uncompressed tar of a layer of entries.
+func layerTar(t *testing.T, ents ...tartest.Entry) []byte {
 	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range ents {
-		hdr := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link, ModTime: time.Unix(1700000000, 0)}
-		if e.typ == tar.TypeReg {
-			hdr.Size = int64(len(e.body))
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write([]byte(e.body)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
+	b, err := tartest.Layer(ents).Tar()
+	if err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	return b
 }
-
-func d(name string) entry       { return entry{name: name, typ: tar.TypeDir, mode: 0o755} }
-func f(name, body string) entry { return entry{name: name, typ: tar.TypeReg, mode: 0o644, body: body} }
-func hl(name, to string) entry  { return entry{name: name, typ: tar.TypeLink, mode: 0o644, link: to} }
-func wh(dir, name string) entry { return f(filepath.Join(dir, ".wh."+name), "") }
-func opq(dir string) entry      { return f(filepath.Join(dir, ".wh..wh..opq"), "") }
 
 // labels keeps content labels in memory (the walking differ sets one).
 type labels map[digest.Digest]map[string]string
@@ -199,8 +175,10 @@ func mustNotExist(t *testing.T, p string) {
 }
 
 var (
-	base  = []entry{d("bin"), f("bin/tool", "tool"), d("etc"), f("etc/a", "a"), f("etc/b", "b"), d("data"), f("data/old", "o")}
-	upper = []entry{hl("bin/tool2", "bin/tool"), wh("etc", "a"), d("data"), opq("data"), f("data/new", "n"), wh("", "gone")}
+	base = []tartest.Entry{tartest.Dir("bin", 0o755), tartest.File("bin/tool", 0o644, "tool"), tartest.Dir("etc", 0o755),
+		tartest.File("etc/a", 0o644, "a"), tartest.File("etc/b", 0o644, "b"), tartest.Dir("data", 0o755), tartest.File("data/old", 0o644, "o")}
+	upper = []tartest.Entry{tartest.Hardlink("bin/tool2", "bin/tool"), tartest.Whiteout("etc/a"), tartest.Dir("data", 0o755),
+		tartest.Opaque("data"), tartest.File("data/new", 0o644, "n"), tartest.Whiteout("gone")}
 )
 
 func checkStack(t *testing.T, mnt string) {
@@ -329,7 +307,7 @@ func TestForeignMountsDeclined(t *testing.T) {
 	if err := os.MkdirAll(fake, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	desc, _ := e.blob(t, layerTar(t, f("x", "x")))
+	desc, _ := e.blob(t, layerTar(t, tartest.File("x", 0o644, "x")))
 	for name, m := range map[string][]mount.Mount{
 		"overlay":             {{Type: "overlay", Source: "overlay", Options: []string{"lowerdir=" + own, "upperdir=" + other, "workdir=" + other}}},
 		"tmpfs":               {{Type: "tmpfs", Source: "tmpfs"}},
@@ -382,7 +360,7 @@ func TestSmuggledMountsRefused(t *testing.T) {
 		m.Options = append(append([]string{}, m.Options...), opts...)
 		return []mount.Mount{m}
 	}
-	desc, _ := e.blob(t, layerTar(t, f("x", "x")))
+	desc, _ := e.blob(t, layerTar(t, tartest.File("x", 0o644, "x")))
 	for name, m := range map[string][]mount.Mount{
 		"smuggled in uidmapping": with("uidmapping=0:0:65536,upperdir=" + other + ",workdir=" + other),
 		"smuggled in an extra":   with("noacl,upperdir=" + other),

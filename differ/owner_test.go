@@ -11,6 +11,7 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // TestApplyOnlyIntoActive: Apply writes only into active snapshots. Mounts
@@ -53,7 +54,7 @@ func TestApplyOnlyIntoActive(t *testing.T) {
 	overlay := func(upper, work string) []mount.Mount {
 		return []mount.Mount{layout.Overlay([]string{root.Empty()}, upper, work)}
 	}
-	desc, _ := e.blob(t, layerTar(t, f("planted", "x"), f("etc/a", "overwritten")))
+	desc, _ := e.blob(t, layerTar(t, tartest.File("planted", 0o644, "x"), tartest.File("etc/a", 0o644, "overwritten")))
 	before := treeOf(t, root.Snapshots(), true)
 	for _, tc := range []struct {
 		name   string

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"archive/tar"
 	"context"
 	"os"
 	"path/filepath"
@@ -12,6 +11,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // TestBlobNotRegular: whatever is not a regular file where a blob should
@@ -78,7 +79,7 @@ func TestBlobNotRegular(t *testing.T) {
 // plain file (O_NONBLOCK cleared).
 func TestBlobReadAfterOpen(t *testing.T) {
 	dir := t.TempDir()
-	desc, _ := putLayer(t, dir, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
+	desc, _ := putLayer(t, dir, tartest.File("f", 0o644, "x"))
 	f, _, err := openBlob(dir, filepath.Join("blobs", "sha256", desc.Digest.Encoded()))
 	if err != nil {
 		t.Fatal(err)
@@ -95,7 +96,7 @@ func TestBlobReadAfterOpen(t *testing.T) {
 // even to a real blob.
 func TestBlobDirSymlink(t *testing.T) {
 	elsewhere := t.TempDir()
-	desc, _ := putLayer(t, elsewhere, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
+	desc, _ := putLayer(t, elsewhere, tartest.File("f", 0o644, "x"))
 	dir := t.TempDir()
 	if err := os.Mkdir(filepath.Join(dir, "blobs"), 0o755); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -29,6 +28,7 @@ import (
 
 	fuseoverlayfs "github.com/fosnap/fuseoverlayfs"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // differClient is what containerd's diff proxy plugin is.
@@ -37,37 +37,18 @@ type differClient interface {
 	diff.Comparer
 }
 
-// tarEntry is one entry of a test layer.
-type tarEntry struct {
-	name, body string
-	typ        byte
-}
-
 // putLayer writes a gzip-compressed layer of entries into a containerd
 // content directory (blobs/sha256/<hex>, as containerd keeps it) and
 // returns its descriptor and diff ID.
-func putLayer(t *testing.T, contentRoot string, entries ...tarEntry) (ocispec.Descriptor, digest.Digest) {
+func putLayer(t *testing.T, contentRoot string, entries ...tartest.Entry) (ocispec.Descriptor, digest.Digest) {
 	t.Helper()
-	var tarBuf bytes.Buffer
-	tw := tar.NewWriter(&tarBuf)
-	for _, e := range entries {
-		hdr := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: 0o755, ModTime: time.Unix(1700000000, 0)}
-		if e.typ == tar.TypeReg {
-			hdr.Mode, hdr.Size = 0o644, int64(len(e.body))
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tw.Write([]byte(e.body)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
+	tarData, err := tartest.Layer(entries).Tar()
+	if err != nil {
 		t.Fatal(err)
 	}
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
-	if _, err := zw.Write(tarBuf.Bytes()); err != nil {
+	if _, err := zw.Write(tarData); err != nil {
 		t.Fatal(err)
 	}
 	if err := zw.Close(); err != nil {
@@ -81,13 +62,13 @@ func putLayer(t *testing.T, contentRoot string, entries ...tarEntry) (ocispec.De
 	if err := os.WriteFile(p, gz.Bytes(), 0o444); err != nil {
 		t.Fatal(err)
 	}
-	return desc, digest.FromBytes(tarBuf.Bytes())
+	return desc, digest.FromBytes(tarData)
 }
 
 func TestContentDirReader(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
-	desc, _ := putLayer(t, dir, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
+	desc, _ := putLayer(t, dir, tartest.File("f", 0o644, "x"))
 	c := contentDir{dir}
 	ra, err := c.ReaderAt(ctx, desc)
 	if err != nil {
@@ -133,7 +114,7 @@ func TestContentDirReader(t *testing.T) {
 // error as its cause.
 func TestUnreadableBlob(t *testing.T) {
 	dir := t.TempDir()
-	desc, _ := putLayer(t, dir, tarEntry{name: "f", body: "x", typ: tar.TypeReg})
+	desc, _ := putLayer(t, dir, tartest.File("f", 0o644, "x"))
 	p := filepath.Join(dir, "blobs", "sha256", desc.Digest.Encoded())
 	if err := os.Chmod(p, 0); err != nil {
 		t.Fatal(err)
@@ -270,9 +251,9 @@ func TestDiffOverGRPC(t *testing.T) {
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 
 	baseDesc, baseID := putLayer(t, contentRoot,
-		tarEntry{name: "etc", typ: tar.TypeDir}, tarEntry{name: "etc/a", body: "a", typ: tar.TypeReg}, tarEntry{name: "etc/b", body: "b", typ: tar.TypeReg})
+		tartest.Dir("etc", 0o755), tartest.File("etc/a", 0o644, "a"), tartest.File("etc/b", 0o644, "b"))
 	upperDesc, upperID := putLayer(t, contentRoot,
-		tarEntry{name: "etc", typ: tar.TypeDir}, tarEntry{name: "etc/.wh.a", typ: tar.TypeReg}, tarEntry{name: "etc/c", body: "c", typ: tar.TypeReg})
+		tartest.Dir("etc", 0o755), tartest.Whiteout("etc/a"), tartest.File("etc/c", 0o644, "c"))
 
 	apply := func(key, parent string, desc ocispec.Descriptor, want digest.Digest) []mount.Mount {
 		t.Helper()

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"archive/tar"
 	"context"
 	"os"
 	"path/filepath"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // withOption returns a copy of m with the option whose key is key replaced
@@ -86,7 +86,7 @@ func TestHostileDiffRequests(t *testing.T) {
 	d := diffproxy.NewDiffApplier(diffapi.NewDiffClient(conn)).(differClient)
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 
-	desc, diffID := putLayer(t, contentRoot, tarEntry{name: "pwned", body: "x", typ: tar.TypeReg})
+	desc, diffID := putLayer(t, contentRoot, tartest.File("pwned", 0o644, "x"))
 	baseMounts, err := sn.Prepare(ctx, "base-extract", "")
 	if err != nil {
 		t.Fatal(err)
@@ -113,7 +113,7 @@ func TestHostileDiffRequests(t *testing.T) {
 	baseFS := baseMounts[0].Source
 	baseID := filepath.Base(filepath.Dir(baseFS))
 	// What the hostile requests carry: a file no layer of the test has.
-	planted, _ := putLayer(t, contentRoot, tarEntry{name: "planted", body: "x", typ: tar.TypeReg})
+	planted, _ := putLayer(t, contentRoot, tartest.File("planted", 0o644, "x"))
 
 	for _, tc := range []struct {
 		name   string

@@ -143,11 +143,19 @@ func (l *dirListener) verify() error {
 	}
 	l.dev, l.ino = st.Dev, st.Ino
 	var byPath unix.Stat_t
-	err := unix.Lstat(l.path, &byPath)
-	if err != nil || byPath.Dev != st.Dev || byPath.Ino != st.Ino {
-		return fmt.Errorf("socket path %s does not lead to the socket bound in the checked directory (%v): a directory on the path was replaced while the server started; check who can write to its parents: %w", l.path, err, errdefs.ErrFailedPrecondition)
+	if err := unix.Lstat(l.path, &byPath); err != nil {
+		return fmt.Errorf("%w (%w)", l.replaced(), err)
+	}
+	if byPath.Dev != st.Dev || byPath.Ino != st.Ino {
+		return l.replaced()
 	}
 	return nil
+}
+
+// replaced is verify's error for a socket path that no longer leads to the
+// socket bound.
+func (l *dirListener) replaced() error {
+	return fmt.Errorf("socket path %s does not lead to the socket bound in the checked directory: a directory on the path was replaced while the server started; check who can write to its parents: %w", l.path, errdefs.ErrFailedPrecondition)
 }
 
 // Close stops listening and removes the socket if its name in the held

@@ -165,14 +165,16 @@ func (w *writer) entry(hdr *tar.Header, r io.Reader) error {
 		return err
 	}
 	if (hdr.Typeflag == tar.TypeChar || hdr.Typeflag == tar.TypeBlock) && inUserNS() {
-		// As containerd does: devices cannot be made in a user namespace.
+		// As containerd does (skipFile, v2.4.2 pkg/archive/tar_unix.go):
+		// devices cannot be made in a user namespace.
 		log.G(w.ctx).WithField("name", hdr.Name).Debug("skipping device node in a user namespace")
 		return nil
 	}
 	rel := cleanRel(hdr.Name)
 	if rel == "" {
-		// As containerd's extraction (and so the native snapshotter) does:
-		// the layer root keeps the metadata the snapshotter gave it.
+		// As containerd's extraction (and so the native snapshotter) does,
+		// v2.4.2 pkg/archive/tar.go applyNaive: the layer root keeps the
+		// metadata the snapshotter gave it.
 		return nil
 	}
 	dir, base := splitDir(rel)

@@ -241,6 +241,44 @@ func (e *exporter) opaqueMarker(dir string) error {
 
 // entry emits the file name of d and, for a directory, what it holds.
 func (e *exporter) entry(d *dirFD, name, rel string, st *unix.Stat_t, hidden bool) error {
+	hdr := e.header(rel, st)
+	if !entryType(hdr, st) {
+		return nil // sockets are not carried, as containerd's differ does
+	}
+	if first, ok := e.hardLink(rel, st); ok {
+		hdr.Typeflag = tar.TypeLink
+		hdr.Linkname = first
+		return e.write(hdr)
+	}
+	src, err := openEntry(d, name, hdr)
+	if err != nil {
+		return err
+	}
+	defer src.close()
+	names, kept, err := src.xattrs(rel)
+	if err != nil {
+		return err
+	}
+	for x, v := range kept {
+		if hdr.PAXRecords == nil {
+			hdr.PAXRecords = map[string]string{}
+		}
+		hdr.PAXRecords[paxXattr+x] = v
+	}
+	if src.sub != nil {
+		return e.dirEntry(src.sub, rel, st, hdr, kept, hidden)
+	}
+	if !hidden && hdr.Typeflag == tar.TypeReg && st.Nlink == 1 && slices.Contains(names, originXattr) {
+		if same, err := e.unchangedCopyUp(rel, st, kept, src.file); err != nil || same {
+			return err
+		}
+	}
+	return e.writeFile(rel, hdr, src.file)
+}
+
+// header is the tar header of the upper file rel (stat st) before its
+// type is known: name, mode, owner and the mtime capped at the epoch.
+func (e *exporter) header(rel string, st *unix.Stat_t) *tar.Header {
 	hdr := &tar.Header{
 		Name:    rel,
 		Mode:    int64(st.Mode & 0o7777),
@@ -252,126 +290,158 @@ func (e *exporter) entry(d *dirFD, name, rel string, st *unix.Stat_t, hidden boo
 	if e.epoch != nil && hdr.ModTime.After(*e.epoch) {
 		hdr.ModTime = *e.epoch
 	}
-	var file *os.File
-	var sub *dirFD
-	defer func() {
-		if file != nil {
-			_ = file.Close()
-		}
-		if sub != nil {
-			sub.close()
-		}
-	}()
-	var xattrs func() ([]string, func(string) ([]byte, error), error)
+	return hdr
+}
+
+// entryType sets hdr's type (and a device's numbers, a directory's
+// trailing slash) from st; false for a socket, which a layer does not carry.
+func entryType(hdr *tar.Header, st *unix.Stat_t) bool {
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
 		hdr.Typeflag = tar.TypeDir
 		hdr.Name += "/"
-		var err error
-		if sub, err = d.open(name); err != nil {
-			return err
-		}
-		xattrs = func() ([]string, func(string) ([]byte, error), error) {
-			names, err := listXattrsWith(func(b []byte) (int, error) { return unix.Flistxattr(sub.fd, b) })
-			return names, sub.getXattrSelf, err
-		}
 	case unix.S_IFREG:
-		key := [2]uint64{st.Dev, st.Ino}
-		if st.Nlink > 1 {
-			if first, ok := e.links[key]; ok {
-				hdr.Typeflag = tar.TypeLink
-				hdr.Linkname = first
-				return e.write(hdr)
-			}
-			e.links[key] = rel
-		}
 		hdr.Typeflag = tar.TypeReg
-		var err error
-		if file, err = d.openRegular(name); err != nil {
-			return err
+	case unix.S_IFLNK:
+		hdr.Typeflag = tar.TypeSymlink
+	case unix.S_IFCHR:
+		hdr.Typeflag = tar.TypeChar
+	case unix.S_IFBLK:
+		hdr.Typeflag = tar.TypeBlock
+	case unix.S_IFIFO:
+		hdr.Typeflag = tar.TypeFifo
+	default:
+		return false
+	}
+	if hdr.Typeflag == tar.TypeChar || hdr.Typeflag == tar.TypeBlock || hdr.Typeflag == tar.TypeFifo {
+		hdr.Devmajor = int64(unix.Major(st.Rdev))
+		hdr.Devminor = int64(unix.Minor(st.Rdev))
+	}
+	return true
+}
+
+// hardLink returns the tar name already written for the regular file rel
+// (stat st) when it is a further name of a multiply-linked inode; else it
+// records rel as that inode's first name.
+func (e *exporter) hardLink(rel string, st *unix.Stat_t) (string, bool) {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink <= 1 {
+		return "", false
+	}
+	key := [2]uint64{st.Dev, st.Ino}
+	if first, ok := e.links[key]; ok {
+		return first, true
+	}
+	e.links[key] = rel
+	return "", false
+}
+
+// entrySource is what entry opened of one upper file, by its type: a
+// directory as sub, a regular file as file, anything else as in. Exactly
+// one is set.
+type entrySource struct {
+	sub  *dirFD
+	file *os.File
+	in   *inodeFD
+}
+
+// openEntry opens the file name of d for the entry hdr (its type set),
+// and completes hdr with what needs the open file: a regular file's size
+// (read from the descriptor, not the name), a symlink's target.
+func openEntry(d *dirFD, name string, hdr *tar.Header) (*entrySource, error) {
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		sub, err := d.open(name)
+		if err != nil {
+			return nil, err
+		}
+		return &entrySource{sub: sub}, nil
+	case tar.TypeReg:
+		file, err := d.openRegular(name)
+		if err != nil {
+			return nil, err
 		}
 		var fst unix.Stat_t
 		if err := unix.Fstat(int(file.Fd()), &fst); err != nil {
-			return d.err("fstat", name, err)
+			_ = file.Close()
+			return nil, d.err("fstat", name, err)
 		}
 		hdr.Size = fst.Size
-		fd := int(file.Fd())
-		xattrs = func() ([]string, func(string) ([]byte, error), error) {
-			names, err := listXattrsWith(func(b []byte) (int, error) { return unix.Flistxattr(fd, b) })
-			return names, func(x string) ([]byte, error) {
-				return getXattrWith(func(b []byte) (int, error) { return unix.Fgetxattr(fd, x, b) })
-			}, err
-		}
-	case unix.S_IFLNK:
-		hdr.Typeflag = tar.TypeSymlink
+		return &entrySource{file: file}, nil
+	case tar.TypeSymlink:
 		target, err := d.readlink(name)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		hdr.Linkname = target
-	case unix.S_IFCHR, unix.S_IFBLK, unix.S_IFIFO:
-		switch st.Mode & unix.S_IFMT {
-		case unix.S_IFCHR:
-			hdr.Typeflag = tar.TypeChar
-		case unix.S_IFBLK:
-			hdr.Typeflag = tar.TypeBlock
-		default:
-			hdr.Typeflag = tar.TypeFifo
+	}
+	in, err := d.inode(name)
+	if err != nil {
+		return nil, err
+	}
+	return &entrySource{in: in}, nil
+}
+
+func (s *entrySource) close() {
+	switch {
+	case s.sub != nil:
+		s.sub.close()
+	case s.file != nil:
+		_ = s.file.Close()
+	case s.in != nil:
+		s.in.close()
+	}
+}
+
+// xattrs lists the xattrs of the upper file rel (names) and reads those a
+// layer carries (kept).
+func (s *entrySource) xattrs(rel string) (names []string, kept map[string]string, err error) {
+	var get func(string) ([]byte, error)
+	switch {
+	case s.sub != nil:
+		fd := s.sub.fd
+		names, err = listXattrsWith(func(b []byte) (int, error) { return unix.Flistxattr(fd, b) })
+		get = s.sub.getXattrSelf
+	case s.file != nil:
+		fd := int(s.file.Fd())
+		names, err = listXattrsWith(func(b []byte) (int, error) { return unix.Flistxattr(fd, b) })
+		get = func(x string) ([]byte, error) {
+			return getXattrWith(func(b []byte) (int, error) { return unix.Fgetxattr(fd, x, b) })
 		}
-		hdr.Devmajor = int64(unix.Major(st.Rdev))
-		hdr.Devminor = int64(unix.Minor(st.Rdev))
 	default:
-		return nil // sockets are not carried, as containerd's differ does
+		names, err = s.in.listXattrs()
+		get = s.in.getXattr
 	}
-	if xattrs == nil {
-		in, err := d.inode(name)
-		if err != nil {
-			return err
-		}
-		defer in.close()
-		xattrs = func() ([]string, func(string) ([]byte, error), error) {
-			names, err := in.listXattrs()
-			return names, in.getXattr, err
-		}
-	}
-	names, get, err := xattrs()
 	if err != nil {
-		return fmt.Errorf("list xattrs of %s: %w", rel, err)
+		return nil, nil, fmt.Errorf("list xattrs of %s: %w", rel, err)
 	}
-	kept, err := keptXattrs(rel, names, get)
-	if err != nil {
-		return err
+	kept, err = keptXattrs(rel, names, get)
+	return names, kept, err
+}
+
+// unchangedCopyUp reports whether the regular file rel (stat st, xattrs
+// kept, open as upper) is a copy-up that changed nothing of the file the
+// lower layers show there.
+func (e *exporter) unchangedCopyUp(rel string, st *unix.Stat_t, kept map[string]string, upper *os.File) (bool, error) {
+	li, lst, found, err := e.lowers.lookup(rel)
+	if err != nil || !found {
+		return false, err
 	}
-	for x, v := range kept {
-		if hdr.PAXRecords == nil {
-			hdr.PAXRecords = map[string]string{}
-		}
-		hdr.PAXRecords[paxXattr+x] = v
-	}
-	if sub != nil {
-		return e.dirEntry(sub, rel, st, hdr, kept, hidden)
-	}
-	if !hidden && st.Mode&unix.S_IFMT == unix.S_IFREG && st.Nlink == 1 && slices.Contains(names, originXattr) {
-		li, lst, found, err := e.lowers.lookup(rel)
-		if err != nil {
-			return err
-		}
-		if found {
-			if same, err := e.sameAsLower(rel, st, kept, li, &lst, file); err != nil || same {
-				return err // a copy-up that changed nothing
-			}
-		}
-	}
+	return e.sameAsLower(rel, st, kept, li, &lst, upper)
+}
+
+// writeFile writes hdr and, for a regular file (open as file), its data.
+func (e *exporter) writeFile(rel string, hdr *tar.Header, file *os.File) error {
 	if err := e.write(hdr); err != nil {
 		return err
 	}
-	if file != nil && hdr.Size > 0 {
-		if e.buf == nil {
-			e.buf = make([]byte, exportChunk)
-		}
-		if err := exportData(e.ctx, e.tw, file, hdr.Size, e.buf); err != nil {
-			return fmt.Errorf("copy %s: %w", rel, err)
-		}
+	if file == nil || hdr.Size == 0 {
+		return nil
+	}
+	if e.buf == nil {
+		e.buf = make([]byte, exportChunk)
+	}
+	if err := exportData(e.ctx, e.tw, file, hdr.Size, e.buf); err != nil {
+		return fmt.Errorf("copy %s: %w", rel, err)
 	}
 	return nil
 }

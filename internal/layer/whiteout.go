@@ -42,7 +42,8 @@ func (w *writer) whiteout(dir, base string) error {
 	if name == "" || name == "." || name == ".." {
 		return fmt.Errorf("whiteout names no file: %w", errdefs.ErrInvalidArgument)
 	}
-	// As containerd's extraction does, missing parents are created.
+	// As containerd's extraction does (mkparent, v2.4.2
+	// pkg/archive/tar.go), missing parents are created.
 	parent, err := w.dir(dir)
 	if err != nil {
 		return err

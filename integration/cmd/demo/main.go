@@ -75,23 +75,53 @@ func show(out string) {
 	}
 }
 
+// run goes through the demo's steps in order; cleanup undoes what they
+// started, whether they got through or not.
 func (d *demo) run() error {
+	if err := checkHost(); err != nil {
+		return err
+	}
+	var err error
+	if d.dir, err = os.MkdirTemp("", "fo-demo-"); err != nil {
+		return err
+	}
+	ref, err := d.publishImage()
+	if err != nil {
+		return err
+	}
+	if err := d.startContainerd(); err != nil {
+		return err
+	}
+	if err := d.pullAndRun(ref); err != nil {
+		return err
+	}
+	if err := d.showSnapshots(); err != nil {
+		return err
+	}
+	step("the FUSE mount while the container runs (/proc/self/mountinfo) and the process serving it")
+	if err := d.showFuse(); err != nil {
+		return err
+	}
+	return d.stopAndRemove(ref)
+}
+
+// checkHost says what the demo needs and whether this host has it.
+func checkHost() error {
 	step("checking this host")
 	if missing := harness.Missing(); len(missing) > 0 {
 		return fmt.Errorf("missing prerequisites (make deps binaries):\n  %s", strings.Join(missing, "\n  "))
 	}
 	fmt.Println("    root, /dev/fuse, bin/ (containerd with the plugin, ctr, shim), runc, fuse-overlayfs, mount.fuse3, docker-registry: all there")
+	return nil
+}
 
-	var err error
-	d.dir, err = os.MkdirTemp("", "fo-demo-")
-	if err != nil {
-		return err
-	}
-
+// publishImage builds the demo image, starts the local registry and
+// pushes the image there; it returns the image's reference.
+func (d *demo) publishImage() (string, error) {
 	step("building the demo image (3 layers, a static Go program and a text file per layer)")
 	probe, err := harness.BuildProbe(d.dir)
 	if err != nil {
-		return err
+		return "", err
 	}
 	spec := images.Demo(probe)
 	for i, l := range spec.Layers {
@@ -103,17 +133,22 @@ func (d *demo) run() error {
 	}
 
 	step("starting a local registry (docker-registry) on 127.0.0.1 and pushing the image")
-	d.registry, err = harness.StartRegistry(filepath.Join(d.dir, "registry"))
-	if err != nil {
-		return err
+	if d.registry, err = harness.StartRegistry(filepath.Join(d.dir, "registry")); err != nil {
+		return "", err
 	}
 	ref, err := images.Push(d.registry.Addr, spec)
 	if err != nil {
-		return err
+		return "", err
 	}
 	fmt.Printf("    registry pid %d, image %s\n", d.registry.PID(), ref)
+	return ref, nil
+}
 
+// startContainerd starts the private containerd and checks that it loaded
+// the snapshotter.
+func (d *demo) startContainerd() error {
 	step("starting a private containerd with config/containerd.toml")
+	var err error
 	d.c, err = harness.StartContainerd(d.ctx, harness.Options{Dir: filepath.Join(d.dir, "containerd"), Registry: d.registry.Addr})
 	if err != nil {
 		return err
@@ -127,7 +162,12 @@ func (d *demo) run() error {
 	if !pluginOK(out) {
 		return errors.New("the fuse-overlayfs snapshotter did not load; see `ctr plugins ls -d`")
 	}
+	return nil
+}
 
+// pullAndRun pulls ref into the snapshotter and starts the container,
+// returning once it has printed its lines.
+func (d *demo) pullAndRun(ref string) error {
 	step("ctr images pull --snapshotter %s %s", sn, ref)
 	if _, err := d.c.Ctr(d.ctx, "images", "pull", "--plain-http", "--snapshotter", sn, ref); err != nil {
 		return err
@@ -141,34 +181,36 @@ func (d *demo) run() error {
 	}
 	select {
 	case <-ready:
+		return nil
 	case <-time.After(60 * time.Second):
 		return errors.New("the container did not print its lines within 60s")
 	}
+}
 
+// showSnapshots prints the snapshot chain and the running container's
+// mounts as the snapshotter hands them out.
+func (d *demo) showSnapshots() error {
 	step("the snapshot chain (ctr snapshots --snapshotter %s tree)", sn)
-	out, err = d.c.Ctr(d.ctx, "snapshots", "--snapshotter", sn, "tree")
-	if err != nil {
-		return err
+	for _, args := range [][]string{{"tree"}, {"ls"}} {
+		out, err := d.c.Ctr(d.ctx, append([]string{"snapshots", "--snapshotter", sn}, args...)...)
+		if err != nil {
+			return err
+		}
+		show(out)
 	}
-	show(out)
-	out, err = d.c.Ctr(d.ctx, "snapshots", "--snapshotter", sn, "ls")
-	if err != nil {
-		return err
-	}
-	show(out)
 
 	step("the container's mount, as the snapshotter hands it out (ctr snapshots mounts)")
-	out, err = d.c.Ctr(d.ctx, "snapshots", "--snapshotter", sn, "mounts", "/rootfs", "demo")
+	out, err := d.c.Ctr(d.ctx, "snapshots", "--snapshotter", sn, "mounts", "/rootfs", "demo")
 	if err != nil {
 		return err
 	}
 	show(strings.ReplaceAll(out, ",", ",\n      "))
+	return nil
+}
 
-	step("the FUSE mount while the container runs (/proc/self/mountinfo) and the process serving it")
-	if err := d.showFuse(); err != nil {
-		return err
-	}
-
+// stopAndRemove kills the container (ctr run --rm then removes it) and
+// removes the image.
+func (d *demo) stopAndRemove(ref string) error {
 	step("stopping the container (ctr tasks kill demo; ctr run --rm removes it)")
 	if _, err := d.c.Ctr(d.ctx, "tasks", "kill", "demo"); err != nil {
 		return err

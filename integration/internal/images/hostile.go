@@ -43,53 +43,73 @@ const RelativeEscape = 24
 // in hostDir: f, victim, sub/inner, b/c/file.
 func HostileImages(probe []byte, hostDir string) []Hostile {
 	h := strings.Trim(path.Clean(hostDir), "/")
-	abs := "/" + h
-	rel := strings.Repeat("../", RelativeEscape) + h
-	in := func(name string) string { return path.Join(h, name) }
-
-	// decoy is the host directory's twin inside the image.
-	decoy := func() Layer {
-		var l Layer
-		comps := strings.Split(h, "/")
-		for i := range comps {
-			l = append(l, Dir(strings.Join(comps[:i+1], "/"), 0o755))
-		}
-		return append(l,
-			File(in("f"), 0o644, "decoy f\n"),
-			File(in("victim"), 0o644, "decoy victim\n"),
-			Dir(in("sub"), 0o755),
-			File(in("sub/inner"), 0o644, "decoy sub/inner\n"),
-			Dir(in("b"), 0o755),
-			Dir(in("b/c"), 0o755),
-			File(in("b/c/file"), 0o644, "decoy b/c/file\n"),
-		)
+	t := hostileHost{probe: probe, h: h, abs: "/" + h, rel: strings.Repeat("../", RelativeEscape) + h}
+	return []Hostile{
+		t.symlinkEscape(),
+		t.dirThenSymlink(),
+		t.dirThenSymlinkHostOnly(),
+		t.linkThenSymlink(),
+		t.linkThenSymlinkHostOnly(),
+		t.impliedThenSymlink(),
+		t.symlinkSwap(),
+		t.overlayXattrs(),
 	}
+}
 
-	var out []Hostile
+// hostileHost is what the hostile layers aim at: the host directory as a
+// path in the image without slashes around it (h), absolute (abs) and
+// climbing out of any layer directory with ../ (rel); probe goes into
+// every base layer.
+type hostileHost struct {
+	probe       []byte
+	h, abs, rel string
+}
 
-	// (1) Symlinks to the host directory, absolute and relative, with
-	// files, hard links, whiteouts and opaque markers under them, in the
-	// same layer and in a later one.
-	out = append(out, Hostile{
+// in is name inside the host directory's path, relative to the image root.
+func (t hostileHost) in(name string) string { return path.Join(t.h, name) }
+
+// decoy is the host directory's twin inside the image.
+func (t hostileHost) decoy() Layer {
+	var l Layer
+	comps := strings.Split(t.h, "/")
+	for i := range comps {
+		l = append(l, Dir(strings.Join(comps[:i+1], "/"), 0o755))
+	}
+	return append(l,
+		File(t.in("f"), 0o644, "decoy f\n"),
+		File(t.in("victim"), 0o644, "decoy victim\n"),
+		Dir(t.in("sub"), 0o755),
+		File(t.in("sub/inner"), 0o644, "decoy sub/inner\n"),
+		Dir(t.in("b"), 0o755),
+		Dir(t.in("b/c"), 0o755),
+		File(t.in("b/c/file"), 0o644, "decoy b/c/file\n"),
+	)
+}
+
+// symlinkEscape: symlinks to the host directory, absolute and relative,
+// with files, hard links, whiteouts and opaque markers under them, in the
+// same layer and in a later one.
+func (t hostileHost) symlinkEscape() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-symlink-escape", Tag: "1", Layers: []Layer{
-			append(base(probe), decoy()...),
+			append(base(t.probe), t.decoy()...),
 			{
-				Symlink("out-abs", abs),
-				Symlink("out-rel", rel),
+				Symlink("out-abs", t.abs),
+				Symlink("out-rel", t.rel),
 				File("out-abs/g", 0o644, "written through out-abs\n"),
 				File("out-rel/g2", 0o600, "written through out-rel\n"),
 				Hardlink("out-abs/hl", "out-abs/f"),
 				Hardlink("out-rel/hl2", "out-rel/f"),
-				Hardlink("hl-abs-target", abs+"/f"),
-				Hardlink("hl-rel-target", rel+"/b/c/file"),
+				Hardlink("hl-abs-target", t.abs+"/f"),
+				Hardlink("hl-rel-target", t.rel+"/b/c/file"),
 				Whiteout("out-abs/victim"),
 				Entry{Path: "out-abs/sub", Type: tar.TypeDir, Mode: 0o700, UID: 11, GID: 12},
 				File("out-abs/sub/new", 0o644, "new in sub\n"),
 				Opaque("out-rel/sub"),
 				// Names and link names that climb out or start at "/".
-				File(strings.Repeat("../", 8)+h+"/dotdot-name", 0o644, "named with ../\n"),
-				File(abs+"/abs-name", 0o644, "named with a leading /\n"),
-				Hardlink("dotdot-link", strings.Repeat("../", 8)+h+"/f"),
+				File(strings.Repeat("../", 8)+t.h+"/dotdot-name", 0o644, "named with ../\n"),
+				File(t.abs+"/abs-name", 0o644, "named with a leading /\n"),
+				Hardlink("dotdot-link", strings.Repeat("../", 8)+t.h+"/f"),
 			},
 			{
 				File("out-abs/later", 0o644, "later layer through out-abs\n"),
@@ -104,20 +124,22 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 		Doc:   "symlinks to the host directory (absolute and ../ relative) with files, hard links, whiteouts and opaque markers below them, in the same and a later layer; names and link names with ../ and a leading /",
 		Names: []string{"out-abs", "out-rel", "hl-abs-target", "hl-rel-target", "dotdot-name", "abs-name", "dotdot-link"},
 		Present: []string{
-			"/out-abs", "/out-rel", "/hl-abs-target", "/hl-rel-target", "/dotdot-link", abs + "/dotdot-name", abs + "/abs-name",
-			abs + "/f", abs + "/g2", abs + "/hl", abs + "/hl2", abs + "/sub/new",
-			abs + "/later", abs + "/hl3", abs + "/b/c/again", abs + "/x",
+			"/out-abs", "/out-rel", "/hl-abs-target", "/hl-rel-target", "/dotdot-link", t.abs + "/dotdot-name", t.abs + "/abs-name",
+			t.abs + "/f", t.abs + "/g2", t.abs + "/hl", t.abs + "/hl2", t.abs + "/sub/new",
+			t.abs + "/later", t.abs + "/hl3", t.abs + "/b/c/again", t.abs + "/x",
 		},
-		Absent: []string{abs + "/victim", abs + "/sub/inner", abs + "/g", abs + "/b/c/file"},
-	})
+		Absent: []string{t.abs + "/victim", t.abs + "/sub/inner", t.abs + "/g", t.abs + "/b/c/file"},
+	}
+}
 
-	// (2) A directory replaced, in the same layer, by a symlink to the host
-	// directory after entries under it were written; then more entries
-	// under it. Resolved by the kernel, the later entries (and the times
-	// of the directories written before) land on the host.
-	out = append(out, Hostile{
+// dirThenSymlink: a directory replaced, in the same layer, by a symlink to
+// the host directory after entries under it were written; then more
+// entries under it. Resolved by the kernel, the later entries (and the
+// times of the directories written before) land on the host.
+func (t hostileHost) dirThenSymlink() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-dir-then-symlink", Tag: "1", Layers: []Layer{
-			append(base(probe), decoy()...),
+			append(base(t.probe), t.decoy()...),
 			{
 				Dir("pdir", 0o755),
 				Dir("pdir/sub", 0o755),
@@ -128,8 +150,8 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 				Dir("prel", 0o755),
 				Dir("prel/b", 0o755),
 				Dir("prel/b/c", 0o755),
-				Symlink("pdir", abs),
-				Symlink("prel", rel),
+				Symlink("pdir", t.abs),
+				Symlink("prel", t.rel),
 				File("pdir/g", 0o644, "through pdir\n"),
 				Hardlink("pdir/h", "pdir/f"),
 				Hardlink("pdir/h2", "pdir-link"),
@@ -141,21 +163,24 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 		}, Cmd: []string{ProbePath, "echo", "hostile"}},
 		Doc:     "directories replaced by symlinks to the host directory after entries below them were written, in the same layer; then files, hard links, whiteouts and opaque markers through them",
 		Names:   []string{"pdir", "prel", "pdir-link"},
-		Present: []string{"/pdir-link", abs + "/g", abs + "/h", abs + "/h2", abs + "/sub", abs + "/b/c/file"},
-		Absent:  []string{"/pdir/q2", abs + "/sub/inner", abs + "/sub/s", abs + "/q2"},
-	})
+		Present: []string{"/pdir-link", t.abs + "/g", t.abs + "/h", t.abs + "/h2", t.abs + "/sub", t.abs + "/b/c/file"},
+		Absent:  []string{"/pdir/q2", t.abs + "/sub/inner", t.abs + "/sub/s", t.abs + "/q2"},
+	}
+}
 
-	// (2b) As (2), without the decoy: the hard link's target exists only
-	// on the host. containerd's extraction refuses the layer.
-	out = append(out, Hostile{
+// dirThenSymlinkHostOnly: as dirThenSymlink, without the decoy: the hard
+// link's target exists only on the host. containerd's extraction refuses
+// the layer.
+func (t hostileHost) dirThenSymlinkHostOnly() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-dir-then-symlink-hostonly", Tag: "1", Layers: []Layer{
-			base(probe),
+			base(t.probe),
 			{
 				Dir("pdir", 0o755),
 				Dir("pdir/sub", 0o755),
 				File("pdir/f", 0o644, "layer pdir/f\n"),
 				Hardlink("pdir-link", "pdir/f"),
-				Symlink("pdir", abs),
+				Symlink("pdir", t.abs),
 				File("pdir/g", 0o644, "through pdir\n"),
 				Hardlink("pdir/h", "pdir/victim"),
 				Entry{Path: "pdir/sub", Type: tar.TypeDir, Mode: 0o700, UID: 21, GID: 22},
@@ -164,14 +189,16 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 		Doc:           "as dir-then-symlink, but a hard link through the symlink names a file only the host directory has",
 		Names:         []string{"pdir/h", "pdir/victim"},
 		NativeRefuses: true,
-	})
+	}
+}
 
-	// (3) A layer hard-links files of a lower layer through a directory
-	// that it later turns into a symlink to the host directory (whose twin
-	// in the image has a file of the same name).
-	out = append(out, Hostile{
+// linkThenSymlink: a layer hard-links files of a lower layer through a
+// directory that it later turns into a symlink to the host directory
+// (whose twin in the image has a file of the same name).
+func (t hostileHost) linkThenSymlink() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-link-then-symlink", Tag: "1", Layers: []Layer{
-			append(base(probe), decoy()...),
+			append(base(t.probe), t.decoy()...),
 			{
 				Dir("linkdir", 0o755),
 				File("linkdir/f", 0o644, "lower linkdir/f\n"),
@@ -181,7 +208,7 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 			{
 				Hardlink("link-before", "linkdir/f"),
 				Hardlink("link-before2", "linkdir/sub/inner"),
-				Symlink("linkdir", abs),
+				Symlink("linkdir", t.abs),
 				Hardlink("link-after", "linkdir/f"),
 				Hardlink("link-after2", "linkdir/sub/inner"),
 			},
@@ -189,13 +216,16 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 		Doc:     "hard links to a lower layer's files through a directory that the same layer then turns into a symlink to the host directory; more links through the symlink",
 		Names:   []string{"link-before", "link-after", "linkdir/f", "linkdir/sub/inner"},
 		Present: []string{"/link-before", "/link-before2", "/link-after", "/link-after2", "/linkdir"},
-	})
+	}
+}
 
-	// (3b) As (3) without decoy and without links after the symlink: only
-	// the host has lp/f once lp is a symlink.
-	out = append(out, Hostile{
+// linkThenSymlinkHostOnly: as linkThenSymlink without decoy and without
+// links after the symlink: only the host has linkdir/f once linkdir is a
+// symlink.
+func (t hostileHost) linkThenSymlinkHostOnly() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-link-then-symlink-hostonly", Tag: "1", Layers: []Layer{
-			base(probe),
+			base(t.probe),
 			{
 				Dir("linkdir", 0o755),
 				File("linkdir/f", 0o644, "lower linkdir/f\n"),
@@ -205,20 +235,23 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 			{
 				Hardlink("link-before", "linkdir/f"),
 				Hardlink("link-before2", "linkdir/sub/inner"),
-				Symlink("linkdir", abs),
+				Symlink("linkdir", t.abs),
 			},
 		}, Cmd: []string{ProbePath, "echo", "hostile"}},
 		Doc:     "hard links to a lower layer's files through a directory that the same layer then turns into a symlink to the host directory, which has files of the same names",
 		Names:   []string{"link-before", "linkdir/f", "linkdir/sub/inner"},
 		Present: []string{"/link-before", "/link-before2", "/linkdir"},
-	})
+	}
+}
 
-	// (4) A deep implied directory under a lower real directory with its
-	// own mode and owner; the same layer then turns the top directory
-	// into a symlink to the host directory, which has the same subtree.
-	out = append(out, Hostile{
+// impliedThenSymlink: a deep implied directory under a lower real
+// directory with its own mode and owner; the same layer then turns the top
+// directory into a symlink to the host directory, which has the same
+// subtree.
+func (t hostileHost) impliedThenSymlink() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-implied-then-symlink", Tag: "1", Layers: []Layer{
-			append(base(probe), decoy()...),
+			append(base(t.probe), t.decoy()...),
 			{
 				Dir("deepimp", 0o755),
 				Entry{Path: "deepimp/b", Type: tar.TypeDir, Mode: 0o710, UID: 1234, GID: 5678, Xattrs: map[string]string{"user.lower": "deepimp/b"}},
@@ -226,21 +259,24 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 			},
 			{
 				File("deepimp/b/c/file", 0o644, "implied parents\n"),
-				Symlink("deepimp", abs),
+				Symlink("deepimp", t.abs),
 				File("deepimp/b/c/file2", 0o644, "through deepimp\n"),
 				File("deepimp/b/new/deep/file3", 0o644, "implied through deepimp\n"),
 			},
 		}, Cmd: []string{ProbePath, "echo", "hostile"}},
 		Doc:     "a file under directories the tar only implies (a lower layer has one of them with its own mode, owner and xattr); the layer then turns the top one into a symlink to the host directory and writes through it",
 		Names:   []string{"deepimp", "deepimp/b/c/file"},
-		Present: []string{"/deepimp", abs + "/b/c/file2", abs + "/b/new/deep/file3", abs + "/b/c/file"},
-		Absent:  []string{abs + "/b/keep"},
-	})
+		Present: []string{"/deepimp", t.abs + "/b/c/file2", t.abs + "/b/new/deep/file3", t.abs + "/b/c/file"},
+		Absent:  []string{t.abs + "/b/keep"},
+	}
+}
 
-	// (5) A symlink replaced by another symlink, with entries under each.
-	out = append(out, Hostile{
+// symlinkSwap: a symlink replaced by another symlink, with entries under
+// each.
+func (t hostileHost) symlinkSwap() Hostile {
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-symlink-swap", Tag: "1", Layers: []Layer{
-			append(base(probe), decoy()...),
+			append(base(t.probe), t.decoy()...),
 			{
 				Dir("sx", 0o755),
 				Dir("sy", 0o755),
@@ -248,35 +284,37 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 				File("swap-in/f1", 0o644, "one\n"),
 				Symlink("swap-in", "sy"),
 				File("swap-in/f2", 0o644, "two\n"),
-				Symlink("swap-host", abs+"/sub"),
+				Symlink("swap-host", t.abs+"/sub"),
 				File("swap-host/f1", 0o644, "host one\n"),
-				Symlink("swap-host", rel+"/b"),
+				Symlink("swap-host", t.rel+"/b"),
 				File("swap-host/f2", 0o644, "host two\n"),
 				Symlink("swap-wh", "sx"),
 				File("swap-wh/f3", 0o644, "three\n"),
 				Whiteout("swap-wh"),
-				Symlink("swap-wh", abs),
+				Symlink("swap-wh", t.abs),
 				File("swap-wh/f4", 0o644, "four\n"),
 			},
 		}, Cmd: []string{ProbePath, "echo", "hostile"}},
 		Doc:     "a symlink replaced by another one (directly and after a whiteout) with entries written under each, in the image and towards the host directory",
 		Names:   []string{"swap-in", "swap-host", "swap-wh"},
-		Present: []string{"/sx/f1", "/sy/f2", abs + "/sub/f1", abs + "/b/f2", "/sx/f3", abs + "/f4"},
-		Absent:  []string{"/sx/f2", "/sy/f1", abs + "/sub/f2", abs + "/b/f1", abs + "/f3", "/sx/f4"},
-	})
+		Present: []string{"/sx/f1", "/sy/f2", t.abs + "/sub/f1", t.abs + "/b/f2", "/sx/f3", t.abs + "/f4"},
+		Absent:  []string{"/sx/f2", "/sy/f1", t.abs + "/sub/f2", t.abs + "/b/f1", t.abs + "/f3", "/sx/f4"},
+	}
+}
 
-	// (6) xattrs that fuse-overlayfs or overlayfs read as their own
-	// markers, set from the tar on directories that lower layers fill.
+// overlayXattrs: xattrs that fuse-overlayfs or overlayfs read as their own
+// markers, set from the tar on directories that lower layers fill.
+func (t hostileHost) overlayXattrs() Hostile {
 	lowerFill := func(dir string) []Entry {
 		return []Entry{Dir(dir, 0o755), File(dir+"/lower", 0o644, "lower file of "+dir+"\n")}
 	}
 	var xl0 Layer
-	xl0 = append(xl0, base(probe)...)
+	xl0 = append(xl0, base(t.probe)...)
 	for _, d := range []string{"opq-trusted", "opq-user-overlay", "opq-user-fo", "opq-all"} {
 		xl0 = append(xl0, lowerFill(d)...)
 	}
 	xl0 = append(xl0, File("origin-file", 0o644, "lower origin-file\n"))
-	out = append(out, Hostile{
+	return Hostile{
 		Spec: Spec{Repo: "test/hostile-overlay-xattrs", Tag: "1", Layers: []Layer{
 			xl0,
 			{
@@ -302,6 +340,5 @@ func HostileImages(probe []byte, hostDir string) []Hostile {
 			"/opq-trusted/lower", "/opq-trusted/upper", "/opq-user-overlay/lower", "/opq-user-overlay/upper",
 			"/opq-user-fo/lower", "/opq-user-fo/upper", "/opq-all/lower", "/opq-new/upper", "/origin-file",
 		},
-	})
-	return out
+	}
 }
