@@ -279,7 +279,7 @@ func checkDeepTree(t *testing.T, layerDir string, upper []ent) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer root.Close()
+	defer func() { _ = root.Close() }()
 	for _, e := range upper {
 		if _, err := root.Lstat(e.name); err != nil {
 			t.Errorf("%.40s...: %v", e.name, err)

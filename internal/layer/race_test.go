@@ -222,10 +222,7 @@ func chaseOnce(p, next, target string, stopped func() bool) bool {
 	if os.Symlink(target, aside) != nil {
 		return false
 	}
-	for {
-		if unix.Renameat2(unix.AT_FDCWD, aside, unix.AT_FDCWD, p, unix.RENAME_EXCHANGE) == nil {
-			break
-		}
+	for unix.Renameat2(unix.AT_FDCWD, aside, unix.AT_FDCWD, p, unix.RENAME_EXCHANGE) != nil {
 		if stopped() || (next != "" && exists(next)) {
 			_ = os.Remove(aside)
 			return false

@@ -45,7 +45,8 @@ type rootPather struct {
 	onUpperLink func(rel string)
 }
 
-// walkLinks follows continuity's walkLinks: the parent first, then the
+// walkLinks follows walkLinks of github.com/containerd/continuity v0.5.0
+// (fs/path.go): the parent first, then the
 // last component, whose symlink target (if any) is joined as text.
 func (r *rootPather) walkLinks(p string) (string, error) {
 	dir, file := path.Split(p)
