@@ -215,6 +215,7 @@ func (o *snapshotter) Mounts(ctx context.Context, key string) (m []mount.Mount, 
 			return fmt.Errorf("get info of snapshot %q: %w", key, err)
 		}
 		m, err = buildMounts(o.root, s, info.Labels, o.options)
+		logMounts(ctx, "mounts", key, s, m)
 		return err
 	})
 	return m, err
@@ -395,6 +396,7 @@ func (o *snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if err != nil {
 			return err
 		}
+		logMounts(ctx, kind.String(), key, s, m)
 		if len(s.ParentIDs) > 0 {
 			if err := copyOwner(o.root.FS(s.ParentIDs[0]), layout.LayerIn(tmp)); err != nil {
 				return err

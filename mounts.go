@@ -1,9 +1,12 @@
 package fuseoverlayfs
 
 import (
+	"context"
+
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
 
 	"github.com/fosnap/fuseoverlayfs/internal/layout"
 )
@@ -52,4 +55,15 @@ func buildMounts(l layout.Root, s storage.Snapshot, labels map[string]string, ex
 		upper, work = l.FS(s.ID), l.Work(s.ID)
 	}
 	return []mount.Mount{layout.Overlay(lowers, upper, work, append(idOpts, extra...)...)}, nil
+}
+
+// logMounts writes, at debug level, which mounts a call handed out: with
+// the parent chain's length, it tells which steps of a build go through
+// FUSE (docs/bench/build.md).
+func logMounts(ctx context.Context, call, key string, s storage.Snapshot, m []mount.Mount) {
+	if len(m) == 0 || !log.G(ctx).Logger.IsLevelEnabled(log.DebugLevel) {
+		return
+	}
+	log.G(ctx).WithField("call", call).WithField("key", key).WithField("parents", len(s.ParentIDs)).
+		WithField("type", m[0].Type).WithField("options", m[0].Options).Debug("snapshot mounts")
 }

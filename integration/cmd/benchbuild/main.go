@@ -12,6 +12,12 @@
 // small base image from a local registry as part of the build, and times
 // `buildctl build` up to the image stored in containerd (no push). Variants
 // alternate; medians of -reps. Run as root: make bench-build.
+//
+// -builds picks some of the builds; -options adds, for each ';'-separated
+// list of fuse-overlayfs options, a variant (a1, a2, ...) that is (a) with
+// the snapshotter's mount_options set to that list. -logs keeps each run's
+// containerd log (with the snapshotter's debug lines of the mounts it hands
+// out) in that directory.
 package main
 
 import (
@@ -33,11 +39,50 @@ import (
 
 type variant struct {
 	key, desc, snapshotter string
+	options                []string // fuse-overlayfs mount_options
 }
 
 var variants = []variant{
-	{"a", "fuse-overlayfs, our Compare", "fuse-overlayfs"},
-	{"b", "overlayfs (kernel), BuildKit's overlay differ", "overlayfs"},
+	{"a", "fuse-overlayfs, our Compare", "fuse-overlayfs", nil},
+	{"b", "overlayfs (kernel), BuildKit's overlay differ", "overlayfs", nil},
+}
+
+// addOptionVariants appends a variant of (a) for each ';'-separated list
+// of comma-separated fuse-overlayfs options in spec.
+func addOptionVariants(spec string) {
+	if spec == "" {
+		return
+	}
+	for i, list := range strings.Split(spec, ";") {
+		opts := strings.Split(list, ",")
+		variants = append(variants, variant{
+			key:         fmt.Sprintf("a%d", i+1),
+			desc:        "(a) with mount_options " + strings.Join(opts, ","),
+			snapshotter: "fuse-overlayfs",
+			options:     opts,
+		})
+	}
+}
+
+// pickCases keeps the builds named in the comma-separated list names
+// (all when empty).
+func pickCases(cases []harness.BuildCase, names string) ([]harness.BuildCase, error) {
+	if names == "" {
+		return cases, nil
+	}
+	var out []harness.BuildCase
+	for _, name := range strings.Split(names, ",") {
+		found := false
+		for _, bc := range cases {
+			if bc.Name == name {
+				out, found = append(out, bc), true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("no build named %q", name)
+		}
+	}
+	return out, nil
 }
 
 func main() {
@@ -45,8 +90,12 @@ func main() {
 	files := flag.Int("files", 20000, "files each generating build writes or copies (a multiple of 100)")
 	base := flag.String("dir", os.TempDir(), "directory holding the containerd and buildkitd roots")
 	out := flag.String("out", "", "directory for build.md and build.svg (default: docs/bench in the repository)")
+	builds := flag.String("builds", "", "comma-separated builds to run (run, copy, multistage, delete; default all)")
+	options := flag.String("options", "", "';'-separated lists of fuse-overlayfs options, each an extra variant of (a)")
+	flag.StringVar(&logDir, "logs", "", "directory to keep each run's containerd log in")
 	flag.Parse()
-	if err := run(*reps, *files, *base, *out); err != nil {
+	addOptionVariants(*options)
+	if err := run(*reps, *files, *base, *out, *builds); err != nil {
 		fmt.Fprintln(os.Stderr, "benchbuild:", err)
 		os.Exit(1)
 	}
@@ -60,7 +109,10 @@ type setup struct {
 	dirs                 map[string]string // build name -> context directory
 }
 
-func run(reps, files int, baseDir, outDir string) error {
+// logDir, when set, keeps each run's containerd log.
+var logDir string
+
+func run(reps, files int, baseDir, outDir, builds string) error {
 	if os.Getuid() != 0 {
 		return fmt.Errorf("run as root")
 	}
@@ -77,6 +129,9 @@ func run(reps, files int, baseDir, outDir string) error {
 		defer func() { _ = reg.Stop() }()
 	}
 	if err != nil {
+		return err
+	}
+	if s.cases, err = pickCases(s.cases, builds); err != nil {
 		return err
 	}
 	loadStart := loadAverage()
@@ -167,7 +222,11 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, float64, error
 	if err != nil {
 		return 0, 0, err
 	}
-	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: s.registry})
+	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: s.registry, Edit: func(cfg map[string]any) {
+		if v.options != nil {
+			harness.Set(cfg, v.options, "plugins", "io.containerd.snapshotter.v1.fuse-overlayfs", "mount_options")
+		}
+	}})
 	if err != nil {
 		return 0, 0, err
 	}
@@ -196,6 +255,12 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, float64, error
 	}()
 	if serr := c.Stop(); err == nil {
 		err = serr
+	}
+	if logDir != "" {
+		name := fmt.Sprintf("%s-%s-%s.log", bc.Name, v.key, filepath.Base(dir))
+		if werr := os.WriteFile(filepath.Join(logDir, name), []byte(c.LogTail(1<<30)), 0o644); err == nil {
+			err = werr
+		}
 	}
 	left, lerr := harness.WaitNoLeftovers(dir, 15*time.Second)
 	if err == nil {
@@ -228,6 +293,7 @@ func report(s *setup, reps, files int, samples, exports map[string][]float64, ou
 			benchchart.Bar{Label: bc.Name + " (a) ours", Median: ma, Runs: a},
 			benchchart.Bar{Label: bc.Name + " (b) overlayfs", Median: mb, Runs: b})
 	}
+	optionsTable(&table, s.cases, samples)
 	fmt.Print(table.String())
 	root, err := harness.RepoRoot()
 	if err != nil {
@@ -239,6 +305,23 @@ func report(s *setup, reps, files int, samples, exports map[string][]float64, ou
 	}
 	fmt.Printf("\nwrote %s and %s\n", md, svg)
 	return nil
+}
+
+// optionsTable adds, when -options gave variants, their medians against
+// (a) and (b).
+func optionsTable(table *strings.Builder, cases []harness.BuildCase, samples map[string][]float64) {
+	if len(variants) <= 2 {
+		return
+	}
+	fmt.Fprintf(table, "\nVariants of (a):\n\n| build | variant | median (s) | /a | /b | runs (s) |\n|---|---|---|---|---|---|\n")
+	for _, bc := range cases {
+		ma, mb := benchchart.Median(samples[bc.Name+"/a"]), benchchart.Median(samples[bc.Name+"/b"])
+		for _, v := range variants[2:] {
+			xs := samples[bc.Name+"/"+v.key]
+			m := benchchart.Median(xs)
+			fmt.Fprintf(table, "| %s | %s: %s | %.2f | %.2f | %.2f | %s |\n", bc.Name, v.key, strings.Join(v.options, ","), m, m/ma, m/mb, runs(xs))
+		}
+	}
 }
 
 func runs(xs []float64) string {
