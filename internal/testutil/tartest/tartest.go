@@ -48,7 +48,7 @@ type Entry struct {
 	Raw []byte
 }
 
-// AnyFormat, as Entry.Format, lets archive/tar choose the header format.
+// AnyFormat is the Entry.Format that lets archive/tar choose the header format.
 const AnyFormat = tar.FormatUSTAR | tar.FormatPAX | tar.FormatGNU
 
 // Layer is the list of entries of one layer, in tar order.
