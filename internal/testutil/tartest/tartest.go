@@ -1,5 +1,6 @@
 // Package tartest builds layer tars entry by entry for the tests of the root
-// package, plugin/ and integration/ (whose image builder, used by the demo
+// package, plugin/, differ/, the gRPC server, internal/layer (hostile
+// entries included) and integration/ (whose image builder, used by the demo
 // too, wraps it), in the spirit of containerd's pkg/archive/tartest: one
 // builder, so each case is written once.
 package tartest
