@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // ---------------------------------------------------------------------------
@@ -709,15 +710,11 @@ func TestAttackStateFile(t *testing.T) {
 
 func TestAttackGlobalHeaderName(t *testing.T) {
 	testutil.RequireFUSE(t)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeXGlobalHeader, Name: "victim", PAXRecords: map[string]string{"comment": "x"}}); err != nil {
+	global, err := tartest.Layer{{Path: "victim", Type: tar.TypeXGlobalHeader, Records: map[string]string{"comment": "x"}}}.Tar()
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	hdr, err := tar.NewReader(bytes.NewReader(buf.Bytes())).Next()
+	hdr, err := tar.NewReader(bytes.NewReader(global)).Next()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -730,7 +727,7 @@ func TestAttackGlobalHeaderName(t *testing.T) {
 	if _, err := archive.Apply(context.Background(), native, bytes.NewReader(tarOf(t, lower...))); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := archive.Apply(context.Background(), native, bytes.NewReader(buf.Bytes())); err != nil {
+	if _, err := archive.Apply(context.Background(), native, bytes.NewReader(global)); err != nil {
 		t.Fatal(err)
 	}
 	s := newStack(t, 2)
@@ -738,7 +735,7 @@ func TestAttackGlobalHeaderName(t *testing.T) {
 	if err := Apply(ctx, s.dirs[0], bytes.NewReader(tarOf(t, lower...)), Options{Forms: &FallbackForms}); err != nil {
 		t.Fatal(err)
 	}
-	if err := Apply(ctx, s.dirs[1], bytes.NewReader(buf.Bytes()), Options{Lowers: s.lowers(1), Forms: &FallbackForms}); err != nil {
+	if err := Apply(ctx, s.dirs[1], bytes.NewReader(global), Options{Lowers: s.lowers(1), Forms: &FallbackForms}); err != nil {
 		t.Fatal(err)
 	}
 	mnt := mountStack(t, s)

@@ -19,7 +19,9 @@ import (
 	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
-// Raw tar blocks, for what archive/tar cannot write (sparse entries).
+// Raw tar blocks, for what archive/tar cannot write (GNU sparse entries,
+// which archive/tar reads but never writes): tartest.Entry.Raw carries them
+// into a layer, tartest writing everything else.
 
 func putOctal(b []byte, v int64) {
 	copy(b, fmt.Sprintf("%0*o", len(b)-1, v))
@@ -236,6 +238,8 @@ func TestCancelInsideEntry(t *testing.T) {
 	testutil.RequireRoot(t)
 	const size = 2 << 30
 	var hb bytes.Buffer
+	// Only the header is written here: tartest writes whole entries, and
+	// this one's 2 GiB body is streamed by the feed below.
 	tw := tar.NewWriter(&hb)
 	if err := tw.WriteHeader(&tar.Header{Name: "big", Typeflag: tar.TypeReg, Mode: 0o644, Size: size, ModTime: testTime}); err != nil {
 		t.Fatal(err)
@@ -375,37 +379,24 @@ func TestHostileXattrsDropped(t *testing.T) {
 // below). One target per 32k links: ext4 allows 65,000 links to an inode.
 func hardLinkTar(b *testing.B, n int) ([]byte, int) {
 	b.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	write := func(h *tar.Header) {
-		h.ModTime = testTime
-		if err := tw.WriteHeader(h); err != nil {
-			b.Fatal(err)
-		}
-	}
+	var l []ent
 	for d := 0; d < 16; d++ {
-		write(&tar.Header{Name: fmt.Sprintf("d%d/", d), Typeflag: tar.TypeDir, Mode: 0o755})
+		l = append(l, dir(fmt.Sprintf("d%d", d)))
 	}
 	targets := (n + 32767) / 32768
 	for i := 0; i < targets; i++ {
-		write(&tar.Header{Name: fmt.Sprintf("d0/target%d", i), Typeflag: tar.TypeReg, Mode: 0o644, Size: 4})
-		if _, err := tw.Write([]byte("data")); err != nil {
-			b.Fatal(err)
-		}
+		l = append(l, file(fmt.Sprintf("d0/target%d", i), "data"))
 	}
 	links := 0
 	for i := 0; i < n; i++ {
-		write(&tar.Header{Name: fmt.Sprintf("d%d/l%d", i%16, i), Typeflag: tar.TypeLink, Linkname: fmt.Sprintf("d0/target%d", i%targets), Mode: 0o644})
+		l = append(l, hardlink(fmt.Sprintf("d%d/l%d", i%16, i), fmt.Sprintf("d0/target%d", i%targets)))
 		links++
 	}
 	for i := 0; i < n/10; i++ {
-		write(&tar.Header{Name: fmt.Sprintf("d%d/low%d", i%16, i), Typeflag: tar.TypeLink, Linkname: "lower/f", Mode: 0o644})
+		l = append(l, hardlink(fmt.Sprintf("d%d/low%d", i%16, i), "lower/f"))
 		links++
 	}
-	if err := tw.Close(); err != nil {
-		b.Fatal(err)
-	}
-	return buf.Bytes(), links
+	return tarBytes(b, l), links
 }
 
 // BenchmarkHardLinks applies a layer of many hard links (to a file of the

@@ -12,11 +12,12 @@ import (
 	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"golang.org/x/sys/unix"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
 // ent is one tar entry of a test layer.
@@ -45,7 +46,8 @@ func (e ent) withXattr(k, v string) ent      { e.xattrs = map[string]string{k: v
 func (e ent) withDev(maj, min int64) ent     { e.major, e.minor = maj, min; return e }
 func tarOf(t testing.TB, ents ...ent) []byte { return tarBytes(t, ents) }
 
-var testTime = time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)
+// testTime is the time of every entry tartest writes.
+var testTime = tartest.ModTime
 
 func tarBytes(t testing.TB, ents []ent) []byte {
 	t.Helper()
@@ -56,42 +58,27 @@ func tarBytes(t testing.TB, ents []ent) []byte {
 	return b
 }
 
+// tarBytesErr writes ents through tartest, the one tar builder of the
+// tests: names as given, the format archive/tar picks.
 func tarBytesErr(ents []ent) ([]byte, error) {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
+	l := make(tartest.Layer, 0, len(ents))
 	for _, e := range ents {
-		if e.sparse != nil {
-			if err := writeSparseEnt(tw, &buf, e); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		hdr := &tar.Header{
-			Name: e.name, Typeflag: e.typ, Mode: e.mode, Uid: e.uid, Gid: e.gid,
-			Linkname: e.link, ModTime: testTime, Devmajor: e.major, Devminor: e.minor,
-		}
-		if e.typ == tar.TypeReg {
-			hdr.Size = int64(len(e.body))
-		}
-		if len(e.xattrs) > 0 {
-			hdr.PAXRecords = map[string]string{}
-			for k, v := range e.xattrs {
-				hdr.PAXRecords["SCHILY.xattr."+k] = v
-			}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return nil, fmt.Errorf("tar header %q: %w", e.name, err)
-		}
-		if hdr.Size > 0 {
-			if _, err := tw.Write([]byte(e.body)); err != nil {
-				return nil, err
-			}
-		}
+		l = append(l, e.entry())
 	}
-	if err := tw.Close(); err != nil {
-		return nil, err
+	return l.Tar()
+}
+
+// entry is e as a tartest entry.
+func (e ent) entry() tartest.Entry {
+	if e.sparse != nil {
+		return tartest.Entry{Path: e.name, Raw: sparseEntry(e.name, *e.sparse)}
 	}
-	return buf.Bytes(), nil
+	return tartest.Entry{
+		Path: e.name, Type: e.typ, Mode: e.mode, UID: e.uid, GID: e.gid,
+		Body: []byte(e.body), Link: e.link, Xattrs: e.xattrs,
+		Devmajor: e.major, Devminor: e.minor,
+		Format: tartest.AnyFormat, Verbatim: true,
+	}
 }
 
 // applyNative applies the layers one after the other into one directory
@@ -219,6 +206,9 @@ func mountStackAt(s *stack, target string) (func() error, error) {
 // permission bits, owner, content hash, link target and xattrs (of
 // security.* only security.capability); what
 // TestSameTreeAsNative compares too. Link counts and times are left out.
+// It is not testutil.TreeSum: that hashes one tree to see it unchanged
+// (all xattrs, host labels included, and sizes); this describes each path
+// so that trees from two extractions can be diffed entry by entry.
 func tree(t *testing.T, root string) map[string]string {
 	t.Helper()
 	out, err := treeErr(root)

@@ -73,15 +73,6 @@ func sparseEntry(name string, c sparseCase) []byte {
 	return append(out, pad512(body)...)
 }
 
-// writeSparseEnt writes the sparse entry e into the tar tw writes to buf.
-func writeSparseEnt(tw *tar.Writer, buf *bytes.Buffer, e ent) error {
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	_, err := buf.Write(sparseEntry(e.name, *e.sparse))
-	return err
-}
-
 // sparseTarOf encodes c as a tar holding the sparse file "f" (and a plain
 // file after it, which must come out right too).
 func sparseTarOf(c sparseCase) []byte {

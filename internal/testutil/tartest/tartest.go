@@ -1,5 +1,6 @@
 // Package tartest builds layer tars entry by entry for the tests of the root
-// package, plugin/ and integration/ (whose image builder, used by the demo
+// package, plugin/, differ/, the gRPC server, internal/layer (hostile
+// entries included) and integration/ (whose image builder, used by the demo
 // too, wraps it), in the spirit of containerd's pkg/archive/tartest: one
 // builder, so each case is written once.
 package tartest
@@ -30,7 +31,26 @@ type Entry struct {
 	Link string
 	// Xattrs are extended attributes, stored as PAX records.
 	Xattrs map[string]string
+	// Records are further PAX records, written as given (a global
+	// header's records, for one).
+	Records map[string]string
+	// Devmajor and Devminor number a character or block device.
+	Devmajor, Devminor int64
+	// Format is the header's format; zero writes PAX. AnyFormat lets
+	// archive/tar pick the first that fits (USTAR, PAX, GNU): device
+	// numbers too large for PAX need GNU's base-256 fields.
+	Format tar.Format
+	// Verbatim writes Path as the header name as is, with no slash added
+	// to a directory: hostile names, empty or ending in a slash.
+	Verbatim bool
+	// Raw, if set, is written into the stream as is in place of the
+	// entry (the writer flushed first): input archive/tar refuses to
+	// write, such as GNU sparse maps. The other fields are ignored.
+	Raw []byte
 }
+
+// AnyFormat is the Entry.Format that lets archive/tar choose the header format.
+const AnyFormat = tar.FormatUSTAR | tar.FormatPAX | tar.FormatGNU
 
 // Layer is the list of entries of one layer, in tar order.
 type Layer []Entry
@@ -72,42 +92,74 @@ func (l Layer) Tar() ([]byte, error) {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, e := range l {
-		hdr := &tar.Header{
-			Typeflag: e.Type,
-			Name:     e.Path,
-			Mode:     e.Mode,
-			Uid:      e.UID,
-			Gid:      e.GID,
-			ModTime:  ModTime,
-			Format:   tar.FormatPAX,
-		}
-		switch e.Type {
-		case tar.TypeReg:
-			hdr.Size = int64(len(e.Body))
-		case tar.TypeDir:
-			hdr.Name = e.Path + "/"
-		case tar.TypeSymlink, tar.TypeLink:
-			hdr.Linkname = e.Link
-		}
-		if len(e.Xattrs) > 0 {
-			hdr.PAXRecords = map[string]string{}
-			for k, v := range e.Xattrs {
-				hdr.PAXRecords["SCHILY.xattr."+k] = v
-			}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return nil, fmt.Errorf("tar header %s: %w", e.Path, err)
-		}
-		if e.Type == tar.TypeReg {
-			if _, err := tw.Write(e.Body); err != nil {
-				return nil, err
-			}
+		if err := writeEntry(tw, &buf, e); err != nil {
+			return nil, err
 		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+// writeEntry writes e into the tar tw writes to buf.
+func writeEntry(tw *tar.Writer, buf *bytes.Buffer, e Entry) error {
+	if e.Raw != nil {
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		_, err := buf.Write(e.Raw)
+		return err
+	}
+	hdr := e.header()
+	if err := tw.WriteHeader(hdr); err != nil {
+		return fmt.Errorf("tar header %q: %w", e.Path, err)
+	}
+	if hdr.Size > 0 {
+		if _, err := tw.Write(e.Body); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// header is the tar header of e.
+func (e Entry) header() *tar.Header {
+	hdr := &tar.Header{
+		Typeflag: e.Type,
+		Name:     e.Path,
+		Mode:     e.Mode,
+		Uid:      e.UID,
+		Gid:      e.GID,
+		ModTime:  ModTime,
+		Devmajor: e.Devmajor,
+		Devminor: e.Devminor,
+		Linkname: e.Link,
+		Format:   e.Format,
+	}
+	if hdr.Format == tar.FormatUnknown {
+		hdr.Format = tar.FormatPAX
+	}
+	switch e.Type {
+	case tar.TypeReg:
+		hdr.Size = int64(len(e.Body))
+	case tar.TypeXGlobalHeader:
+		hdr.ModTime = time.Time{} // archive/tar takes only a name and records here
+	case tar.TypeDir:
+		if !e.Verbatim {
+			hdr.Name = e.Path + "/"
+		}
+	}
+	if len(e.Xattrs)+len(e.Records) > 0 {
+		hdr.PAXRecords = map[string]string{}
+		for k, v := range e.Records {
+			hdr.PAXRecords[k] = v
+		}
+		for k, v := range e.Xattrs {
+			hdr.PAXRecords["SCHILY.xattr."+k] = v
+		}
+	}
+	return hdr
 }
 
 // Reader returns the tar stream of a layer as a reader; it panics on an
