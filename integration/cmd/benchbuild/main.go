@@ -262,15 +262,7 @@ func measure(s *setup, bc harness.BuildCase, v variant) (float64, float64, error
 			err = werr
 		}
 	}
-	left, lerr := harness.WaitNoLeftovers(dir, 15*time.Second)
-	if err == nil {
-		err = lerr
-	}
-	if err == nil && !left.Empty() {
-		_ = harness.CleanLeftovers(left)
-		err = fmt.Errorf("left behind: %s", left)
-	}
-	if rerr := os.RemoveAll(dir); err == nil {
+	if rerr := harness.ReleaseRun(dir); err == nil {
 		err = rerr
 	}
 	return elapsed, export, err

@@ -65,3 +65,19 @@ func (b *Bench) Close() {
 	}
 	_ = os.RemoveAll(b.Work)
 }
+
+// ReleaseRun ends one benchmark run in dir, after its containerd stopped:
+// it waits up to 15 s for the run's mounts and fuse-overlayfs servers to go,
+// removes (and reports) any left behind, then removes dir. The error is the
+// first of these that failed.
+func ReleaseRun(dir string) error {
+	left, err := WaitNoLeftovers(dir, 15*time.Second)
+	if err == nil && !left.Empty() {
+		_ = CleanLeftovers(left)
+		err = fmt.Errorf("left behind: %s", left)
+	}
+	if rerr := os.RemoveAll(dir); err == nil {
+		err = rerr
+	}
+	return err
+}
