@@ -4,14 +4,12 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"io"
 	"io/fs"
 	"math/rand"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -198,55 +196,19 @@ func (o op) do(root string) {
 	}
 }
 
-// treeOf describes every file under root: type, mode, owner, size and
-// content, link target, device, mtime of non-directories, user.* xattrs
-// (withXattrs) and security.capability.
+// treeOf describes every file under root but root itself: type, mode,
+// owner, content, link target, device, mtime of files, devices and FIFOs,
+// user.* xattrs but the mounter's own (withXattrs) and security.capability.
 func treeOf(t *testing.T, root string, withXattrs bool) map[string]string {
 	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(root, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return err
-		}
-		desc := fmt.Sprintf("%o %d:%d", st.Mode, st.Uid, st.Gid)
-		switch st.Mode & unix.S_IFMT {
-		case unix.S_IFREG:
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			desc += fmt.Sprintf(" %x mtime=%d", sha256.Sum256(b), st.Mtim.Sec)
-		case unix.S_IFLNK:
-			l, _ := os.Readlink(p)
-			desc += " -> " + l
-		case unix.S_IFCHR, unix.S_IFBLK:
-			desc += fmt.Sprintf(" dev=%d mtime=%d", st.Rdev, st.Mtim.Sec)
-		case unix.S_IFIFO:
-			desc += fmt.Sprintf(" mtime=%d", st.Mtim.Sec)
-		}
-		if rel != "." {
-			buf := make([]byte, 4096)
-			n, _ := unix.Llistxattr(p, buf)
-			var xs []string
-			for _, x := range strings.Split(string(buf[:max(n, 0)]), "\x00") {
-				if (withXattrs && strings.HasPrefix(x, "user.") && !strings.HasPrefix(x, "user.fuseoverlayfs.")) || x == "security.capability" {
-					v := make([]byte, 4096)
-					m, _ := unix.Lgetxattr(p, x, v)
-					xs = append(xs, x+"="+string(v[:max(m, 0)]))
-				}
-			}
-			sort.Strings(xs)
-			desc += " " + strings.Join(xs, ",")
-		} else {
-			desc = "root"
-		}
-		out[rel] = desc
-		return nil
+	out, err := testutil.Tree(root, testutil.TreeOpts{
+		Fields: testutil.TreeType | testutil.TreePerm | testutil.TreeOwner | testutil.TreeContent |
+			testutil.TreeLink | testutil.TreeMtimeSec | testutil.TreeDev,
+		Xattr: func(_, x string) bool {
+			return (withXattrs && strings.HasPrefix(x, "user.") && !strings.HasPrefix(x, "user.fuseoverlayfs.")) ||
+				x == "security.capability"
+		},
+		SkipRoot: true,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -254,20 +216,10 @@ func treeOf(t *testing.T, root string, withXattrs bool) map[string]string {
 	return out
 }
 
+// treeDiff is testutil.TreeDiff as one string, empty when the trees are
+// the same.
 func treeDiff(want, got map[string]string) string {
-	var d []string
-	for k, v := range want {
-		if got[k] != v {
-			d = append(d, fmt.Sprintf("  %s: want %q, got %q", k, v, got[k]))
-		}
-	}
-	for k, v := range got {
-		if _, ok := want[k]; !ok {
-			d = append(d, fmt.Sprintf("  %s: want nothing, got %q", k, v))
-		}
-	}
-	sort.Strings(d)
-	return strings.Join(d, "\n")
+	return strings.Join(testutil.TreeDiff(want, got), "\n")
 }
 
 // propEnv holds the parent chain of one property run.
