@@ -1,9 +1,6 @@
 package integration
 
 import (
-	"crypto/sha256"
-	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +12,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
+
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 )
 
 // TestDiffAPIRefusesCommittedLayers: a real containerd's diff service,
@@ -60,14 +59,8 @@ func TestDiffAPIRefusesCommittedLayers(t *testing.T) {
 			t.Errorf("%s of committed %s: %v, want a failed precondition saying it is committed", name, committed, err)
 		}
 	}
-	after := dirTree(t, snapshots)
-	for p, d := range after {
-		if before[p] != d {
-			t.Errorf("%s: %q after the refused applies, was %q", p, d, before[p])
-		}
-	}
-	if len(after) != len(before) {
-		t.Errorf("%d entries under %s after the refused applies, were %d", len(after), snapshots, len(before))
+	for _, d := range testutil.TreeDiff(before, dirTree(t, snapshots)) {
+		t.Errorf("under %s after the refused applies: %s", snapshots, d)
 	}
 
 	ctx, done, err := c.WithLease(ctx)
@@ -89,28 +82,11 @@ func TestDiffAPIRefusesCommittedLayers(t *testing.T) {
 	e.ctr("images", "rm", "--sync", ref)
 }
 
-// dirTree describes every entry under root by mode, size and content.
+// dirTree describes every entry under root by type, mode, size and content.
 func dirTree(t *testing.T, root string) map[string]string {
 	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		desc := fmt.Sprintf("%v %d", info.Mode(), info.Size())
-		if info.Mode().IsRegular() {
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			desc += fmt.Sprintf(" %x", sha256.Sum256(b))
-		}
-		out[p] = desc
-		return nil
+	out, err := testutil.Tree(root, testutil.TreeOpts{
+		Fields: testutil.TreeType | testutil.TreePerm | testutil.TreeSize | testutil.TreeContent,
 	})
 	if err != nil {
 		t.Fatal(err)
