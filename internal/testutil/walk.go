@@ -157,41 +157,38 @@ func describeXattrs(p, rel string, keep func(rel, name string) bool) ([]string, 
 	return out, nil
 }
 
-// lxattrNames lists the xattr names of p, growing the buffer as needed.
+// lxattrNames lists the xattr names of p; none where the file system has
+// no xattrs (ENOTSUP).
 func lxattrNames(p string) ([]string, error) {
-	for {
-		n, err := unix.Llistxattr(p, nil)
-		if err != nil || n == 0 {
-			return nil, err
-		}
-		buf := make([]byte, n)
-		m, err := unix.Llistxattr(p, buf)
-		if errors.Is(err, unix.ERANGE) {
-			continue // grew between the calls
-		}
-		if err != nil {
-			return nil, err
-		}
-		return strings.Split(strings.TrimRight(string(buf[:m]), "\x00"), "\x00"), nil
+	buf, err := growing(func(b []byte) (int, error) { return unix.Llistxattr(p, b) })
+	if errors.Is(err, unix.ENOTSUP) {
+		return nil, nil
 	}
+	if err != nil || len(buf) == 0 {
+		return nil, err
+	}
+	return strings.Split(strings.TrimRight(string(buf), "\x00"), "\x00"), nil
 }
 
-// lxattrValue reads the xattr name of p, growing the buffer as needed.
+// lxattrValue reads the xattr name of p.
 func lxattrValue(p, name string) ([]byte, error) {
-	for {
-		n, err := unix.Lgetxattr(p, name, nil)
-		if err != nil {
-			return nil, err
-		}
-		buf := make([]byte, n)
-		m, err := unix.Lgetxattr(p, name, buf)
-		if errors.Is(err, unix.ERANGE) {
+	return growing(func(b []byte) (int, error) { return unix.Lgetxattr(p, name, b) })
+}
+
+// growing calls read with ever larger buffers until it fits. No size
+// query first: fuse-overlayfs answers the query for an empty buffer with
+// ERANGE.
+func growing(read func([]byte) (int, error)) ([]byte, error) {
+	for size := 256; ; size *= 4 {
+		buf := make([]byte, size)
+		n, err := read(buf)
+		if errors.Is(err, unix.ERANGE) && size < 1<<24 {
 			continue
 		}
 		if err != nil {
 			return nil, err
 		}
-		return buf[:m], nil
+		return buf[:n], nil
 	}
 }
 

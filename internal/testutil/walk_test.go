@@ -10,7 +10,8 @@ import (
 )
 
 // walkTree makes a directory with a file, a symlink, a FIFO and a
-// subdirectory, and gives its root.
+// subdirectory (with an xattr larger than Tree's first buffer), and gives
+// its root.
 func walkTree(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
@@ -21,6 +22,7 @@ func walkTree(t *testing.T) string {
 		os.Mkdir(filepath.Join(dir, "d"), 0o751),
 		unix.Lsetxattr(filepath.Join(dir, "f"), "user.keep", []byte("1"), 0),
 		unix.Lsetxattr(filepath.Join(dir, "f"), "user.drop", []byte("2"), 0),
+		unix.Lsetxattr(filepath.Join(dir, "d"), "user.big", []byte(strings.Repeat("b", 1000)), 0),
 	} {
 		if err != nil {
 			t.Fatal(err)
@@ -34,7 +36,7 @@ func walkTree(t *testing.T) string {
 func TestTreeFields(t *testing.T) {
 	dir := walkTree(t)
 	all := TreeType | TreePerm | TreeOwner | TreeSize | TreeContent | TreeLink | TreeMtimeSec | TreeTimes | TreeDev
-	got, err := Tree(dir, TreeOpts{Fields: all, Xattr: func(rel, name string) bool { return name == "user.keep" }})
+	got, err := Tree(dir, TreeOpts{Fields: all, Xattr: func(rel, name string) bool { return name == "user.keep" || name == "user.big" }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +45,7 @@ func TestTreeFields(t *testing.T) {
 		"f": {"type=100000 perm=640 owner=", " size=1 sha=ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb mtime=", ` xattr:user.keep="1"`},
 		"l": {"type=120000 perm=777 ", " size=1 link=f atime="},
 		"p": {"type=10000 perm=600 ", " mtime="},
-		"d": {"type=40000 perm=751 "},
+		"d": {"type=40000 perm=751 ", ` xattr:user.big="` + strings.Repeat("b", 1000) + `"`},
 	}
 	if len(got) != len(want) {
 		t.Errorf("%d entries, want %d: %v", len(got), len(want), got)
