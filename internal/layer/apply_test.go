@@ -151,7 +151,7 @@ func TestApplySameAsNative(t *testing.T) {
 					checkReach(t, mnt, c)
 					got := tree(t, mnt)
 					checkReach(t, mnt, c)
-					for _, d := range diffTrees(native, got) {
+					for _, d := range testutil.TreeDiff(native, got) {
 						t.Error(d)
 					}
 				})
@@ -348,7 +348,7 @@ func TestDetachedBaseLosesMarkers(t *testing.T) {
 	}
 	got := tree(t, s.dirs[0])
 	want := tree(t, applyNative(t, [][]ent{{whiteout("", "x"), dir("d"), opaque("d"), file("d/f", "f"), whiteout("", "d2"), dir("d2")}}))
-	for _, d := range diffTrees(want, got) {
+	for _, d := range testutil.TreeDiff(want, got) {
 		t.Error(d)
 	}
 }

@@ -70,6 +70,8 @@ func attackDecoy(t *testing.T, root string) {
 
 // snapshot describes every entry under root bit for bit, except the paths
 // skip says may change (maskTimes: the entry's times may change).
+// Not testutil.Tree: it also compares inode numbers, link counts and
+// ctimes, per path, to see that nothing at all was touched.
 func snapshot(t *testing.T, root string, skip func(rel string) bool, maskTimes func(rel string) bool) map[string]string {
 	t.Helper()
 	out := map[string]string{}
@@ -593,7 +595,7 @@ func TestAttackDifferential(t *testing.T) {
 					}
 					mnt := mountStack(t, s)
 					got := tree(t, mnt)
-					for _, d := range diffTrees(withoutFilteredXattrs(tree(t, ndir)), got) {
+					for _, d := range testutil.TreeDiff(withoutFilteredXattrs(tree(t, ndir)), got) {
 						t.Error("vs native: " + d)
 					}
 					checkNoFilteredXattrs(t, s)
@@ -739,7 +741,7 @@ func TestAttackGlobalHeaderName(t *testing.T) {
 		t.Fatal(err)
 	}
 	mnt := mountStack(t, s)
-	for _, d := range diffTrees(tree(t, native), tree(t, mnt)) {
+	for _, d := range testutil.TreeDiff(tree(t, native), tree(t, mnt)) {
 		t.Log("vs native (containerd quirk): " + d)
 	}
 }
@@ -854,7 +856,7 @@ func TestAttackRelocateFailureLosesEntries(t *testing.T) {
 	err2 := Finish(ctx, s.dirs[1], s.state(1), s.lowers(1))
 	t.Logf("first finish: %v; retry: %v", err1, err2)
 	if err1 != nil {
-		for _, d := range diffTrees(before, after1) {
+		for _, d := range testutil.TreeDiff(before, after1) {
 			t.Errorf("a failed Finish changed the layer: %s", d)
 		}
 	}
@@ -863,7 +865,7 @@ func TestAttackRelocateFailureLosesEntries(t *testing.T) {
 		if nerr != nil {
 			t.Fatal(nerr)
 		}
-		for _, d := range diffTrees(tree(t, ndir), tree(t, mountStack(t, s))) {
+		for _, d := range testutil.TreeDiff(tree(t, ndir), tree(t, mountStack(t, s))) {
 			t.Errorf("after the retry, vs native: %s", d)
 		}
 	}
@@ -999,7 +1001,7 @@ func TestAttackRandomDifferential(t *testing.T) {
 				case err != nil:
 					t.Errorf("containerd succeeds but ours fails: %v", err)
 				default:
-					for _, d := range diffTrees(want, tree(t, mountStack(t, s))) {
+					for _, d := range testutil.TreeDiff(want, tree(t, mountStack(t, s))) {
 						t.Error("vs native: " + d)
 					}
 				}

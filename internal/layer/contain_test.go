@@ -128,7 +128,7 @@ func (h *harness) check(layers [][]ent, sp runSpec, nat *nativeResult) *failure 
 	if o.view == nil {
 		return nil
 	}
-	if d := diffTrees(comparableView(nat.tree, true), comparableView(o.view, false)); len(d) > 0 {
+	if d := testutil.TreeDiff(comparableView(nat.tree, true), comparableView(o.view, false)); len(d) > 0 {
 		return &failure{"view", d}
 	}
 	return nil

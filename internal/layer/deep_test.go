@@ -127,7 +127,7 @@ func TestLinkThroughChangedSymlink(t *testing.T) {
 							return
 						}
 						got := tree(t, mountStack(t, s))
-						for _, d := range diffTrees(native, got) {
+						for _, d := range testutil.TreeDiff(native, got) {
 							t.Error(d)
 						}
 					})

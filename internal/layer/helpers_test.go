@@ -4,19 +4,16 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/archive"
-	"golang.org/x/sys/unix"
 
+	"github.com/fosnap/fuseoverlayfs/internal/testutil"
 	"github.com/fosnap/fuseoverlayfs/internal/testutil/tartest"
 )
 
@@ -202,13 +199,22 @@ func mountStackAt(s *stack, target string) (func() error, error) {
 	}, nil
 }
 
-// tree describes every entry under root (not following symlinks): type,
-// permission bits, owner, content hash, link target and xattrs (of
-// security.* only security.capability); what
+// layerTree is what tree describes of each entry: type, permission bits,
+// owner, content hash, link target, device numbers and the xattrs of all
+// but the root (of security.* only security.capability); what
 // TestSameTreeAsNative compares too. Link counts and times are left out.
-// It is not testutil.TreeSum: that hashes one tree to see it unchanged
-// (all xattrs, host labels included, and sizes); this describes each path
-// so that trees from two extractions can be diffed entry by entry.
+var layerTree = testutil.TreeOpts{
+	Fields: testutil.TreeType | testutil.TreePerm | testutil.TreeOwner |
+		testutil.TreeContent | testutil.TreeLink | testutil.TreeDev,
+	Xattr: func(rel, name string) bool {
+		// security.selinux and the like: labels of this host.
+		return rel != "." && (!strings.HasPrefix(name, "security.") || name == xattrCapability)
+	},
+}
+
+// tree describes every entry under root (not following symlinks) as
+// layerTree says, so that trees from two extractions can be diffed entry
+// by entry with testutil.TreeDiff.
 func tree(t *testing.T, root string) map[string]string {
 	t.Helper()
 	out, err := treeErr(root)
@@ -220,70 +226,5 @@ func tree(t *testing.T, root string) map[string]string {
 
 // treeErr is tree returning its error.
 func treeErr(root string) (map[string]string, error) {
-	out := map[string]string{}
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return err
-		}
-		desc := fmt.Sprintf("type=%o perm=%o owner=%d:%d", st.Mode&unix.S_IFMT, st.Mode&0o7777, st.Uid, st.Gid)
-		switch st.Mode & unix.S_IFMT {
-		case unix.S_IFREG:
-			data, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			desc += fmt.Sprintf(" sha=%x", sha256.Sum256(data))
-		case unix.S_IFLNK:
-			l, err := os.Readlink(p)
-			if err != nil {
-				return err
-			}
-			desc += " link=" + l
-		case unix.S_IFCHR, unix.S_IFBLK:
-			desc += fmt.Sprintf(" dev=%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
-		}
-		if rel != "." {
-			names, err := listXattrs(p)
-			if err != nil {
-				return err
-			}
-			sort.Strings(names)
-			for _, n := range names {
-				if strings.HasPrefix(n, "security.") && n != xattrCapability {
-					continue // security.selinux and the like: labels of this host
-				}
-				v, err := getXattr(p, n)
-				if err != nil {
-					return err
-				}
-				desc += fmt.Sprintf(" xattr:%s=%q", n, v)
-			}
-		}
-		out[rel] = desc
-		return nil
-	})
-	return out, err
-}
-
-func diffTrees(want, got map[string]string) []string {
-	var d []string
-	for k, v := range want {
-		if g, ok := got[k]; !ok {
-			d = append(d, fmt.Sprintf("missing %s (%s)", k, v))
-		} else if g != v {
-			d = append(d, fmt.Sprintf("differs %s:\n\twant %s\n\tgot  %s", k, v, g))
-		}
-	}
-	for k, v := range got {
-		if _, ok := want[k]; !ok {
-			d = append(d, fmt.Sprintf("extra %s (%s)", k, v))
-		}
-	}
-	sort.Strings(d)
-	return d
+	return testutil.Tree(root, layerTree)
 }

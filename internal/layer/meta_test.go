@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -53,19 +52,7 @@ var metaForms = []struct {
 // root but root itself.
 func treeTimes(t *testing.T, root string) map[string]string {
 	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(root, func(p string, _ fs.DirEntry, err error) error {
-		if err != nil || p == root {
-			return err
-		}
-		var st unix.Stat_t
-		if err := unix.Lstat(p, &st); err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(root, p)
-		out[rel] = fmtTime(st.Atim) + " " + fmtTime(st.Mtim)
-		return nil
-	})
+	out, err := testutil.Tree(root, testutil.TreeOpts{Fields: testutil.TreeTimes, SkipRoot: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,10 +97,10 @@ func TestMetaOnHandles(t *testing.T) {
 			}
 			s := applyOurs(t, layers, ProbeForms(t.TempDir()), false)
 			got := s.dirs[0]
-			for _, d := range diffTrees(wantTimes, treeTimes(t, got)) {
+			for _, d := range testutil.TreeDiff(wantTimes, treeTimes(t, got)) {
 				t.Errorf("times: %s", d)
 			}
-			for _, d := range diffTrees(wantTree, tree(t, got)) {
+			for _, d := range testutil.TreeDiff(wantTree, tree(t, got)) {
 				t.Errorf("tree: %s", d)
 			}
 		})
@@ -173,7 +160,7 @@ func TestHardLinkDropsCapability(t *testing.T) {
 				for _, f := range metaForms {
 					forceMetaCalls(t, f.calls)
 					got := tree(t, applyOurs(t, c.layers, ProbeForms(t.TempDir()), false).dirs[0])
-					for _, d := range diffTrees(want, got) {
+					for _, d := range testutil.TreeDiff(want, got) {
 						t.Errorf("%s: %s", f.name, d)
 					}
 				}

@@ -297,7 +297,7 @@ func TestSparseGenerated(t *testing.T) {
 				if _, err := archive.Apply(context.Background(), native, bytes.NewReader(data)); err != nil {
 					t.Fatalf("containerd refuses what Apply accepts: %v", err)
 				}
-				if d := diffTrees(tree(t, native), tree(t, layer)); len(d) > 0 {
+				if d := testutil.TreeDiff(tree(t, native), tree(t, layer)); len(d) > 0 {
 					t.Errorf("tree differs from containerd's:\n%s", strings.Join(d, "\n"))
 				}
 			}
@@ -404,7 +404,7 @@ func TestSparseGNUTar(t *testing.T) {
 			if _, err := archive.Apply(context.Background(), native, bytes.NewReader(data)); err != nil {
 				t.Fatal(err)
 			}
-			if d := diffTrees(tree(t, native), tree(t, layer)); len(d) > 0 {
+			if d := testutil.TreeDiff(tree(t, native), tree(t, layer)); len(d) > 0 {
 				t.Errorf("tree differs from containerd's:\n%s", strings.Join(d, "\n"))
 			}
 			// GNU tar stores whole blocks of data: the regions as it saw them.
