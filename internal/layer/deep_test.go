@@ -154,7 +154,8 @@ func nativeTree(t *testing.T, layers [][]ent) (map[string]string, error) {
 	return tree(t, d), nil
 }
 
-// applyOursErr is applyOurs returning the error.
+// applyOursErr is applyOurs returning the error instead of failing the
+// test.
 func applyOursErr(t *testing.T, layers [][]ent, forms Forms, detached bool) (*stack, error) {
 	t.Helper()
 	s := newStack(t, len(layers))

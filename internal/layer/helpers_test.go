@@ -132,25 +132,9 @@ func (s *stack) state(i int) string { return StateFile(filepath.Dir(s.dirs[i])) 
 // containerd's parallel unpack and our Commit do.
 func applyOurs(t *testing.T, layers [][]ent, forms Forms, detached bool) *stack {
 	t.Helper()
-	s := newStack(t, len(layers))
-	ctx := context.Background()
-	for i, l := range layers {
-		opts := Options{Forms: &forms}
-		if detached {
-			opts.Detached, opts.StateFile = true, s.state(i)
-		} else {
-			opts.Lowers = s.lowers(i)
-		}
-		if err := Apply(ctx, s.dirs[i], bytes.NewReader(tarBytes(t, l)), opts); err != nil {
-			t.Fatalf("apply layer %d: %v", i, err)
-		}
-	}
-	if detached {
-		for i := range layers {
-			if err := Finish(ctx, s.dirs[i], s.state(i), s.lowers(i)); err != nil {
-				t.Fatalf("finish layer %d: %v", i, err)
-			}
-		}
+	s, err := applyOursErr(t, layers, forms, detached)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return s
 }
