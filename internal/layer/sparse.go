@@ -132,7 +132,10 @@ func (er *entryReader) next() (*tar.Header, io.Reader, error) {
 	er.cur = er.tr
 	major, minor := hdr.PAXRecords["GNU.sparse.major"], hdr.PAXRecords["GNU.sparse.minor"]
 	form := sparseForm(major, minor, hdr.PAXRecords["GNU.sparse.map"] != "")
-	if form == 0 {
+	// Go returns a global header's records as they are and never reads
+	// them as a sparse map (nor applies them to later entries); neither
+	// does containerd.
+	if form == 0 || hdr.Typeflag == tar.TypeXGlobalHeader {
 		return hdr, er.tr, nil
 	}
 	sd, err := er.sparseEntry(hdr, form)

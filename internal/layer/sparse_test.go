@@ -774,3 +774,31 @@ func BenchmarkSparseApply(b *testing.B) {
 		})
 	}
 }
+
+// TestSparseRecordsInGlobalHeader: GNU.sparse records in a PAX global
+// header describe no entry (Go hands them over as they are and applies
+// them to nothing); the layer applies as containerd applies it.
+func TestSparseRecordsInGlobalHeader(t *testing.T) {
+	for _, recs := range []string{
+		paxRecord("GNU.sparse.major", "1") + paxRecord("GNU.sparse.minor", "0"),
+		paxRecord("GNU.sparse.map", "0,1") + paxRecord("GNU.sparse.numblocks", "1"),
+	} {
+		var data []byte
+		data = append(data, sealHeader(rawHeader("pax_global_header", tar.TypeXGlobalHeader, int64(len(recs)), false))...)
+		data = append(data, pad512([]byte(recs))...)
+		data = append(data, sealHeader(rawHeader("g", tar.TypeReg, 1, false))...)
+		data = append(data, pad512([]byte("x"))...)
+		data = append(data, make([]byte, 1024)...)
+		native := t.TempDir()
+		if _, err := archive.Apply(context.Background(), native, bytes.NewReader(data)); err != nil {
+			t.Fatalf("containerd: %v", err)
+		}
+		ours := t.TempDir()
+		if err := Apply(context.Background(), ours, bytes.NewReader(data), Options{}); err != nil {
+			t.Fatalf("records %q: %v", recs, err)
+		}
+		if got, err := os.ReadFile(filepath.Join(ours, "g")); err != nil || string(got) != "x" {
+			t.Errorf("records %q: g = %q, %v; want \"x\"", recs, got, err)
+		}
+	}
+}
