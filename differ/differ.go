@@ -163,7 +163,9 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 	defer func() { _ = tarStream.Close() }()
 
 	digester := digest.Canonical.Digester()
-	rc := &countReader{r: io.TeeReader(tarStream, digester.Hash())}
+	ahead := newReadAhead(io.TeeReader(tarStream, digester.Hash()))
+	defer func() { _ = ahead.Close() }()
+	rc := &countReader{r: ahead}
 	if err := layer.Apply(ctx, t.dir, rc, layer.Options{Lowers: t.lowers, Detached: t.detached, StateFile: t.state, Forms: d.forms}); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("apply layer %s to %s: %w", desc.Digest, t.dir, err)
 	}

@@ -57,6 +57,7 @@ func main() {
 	only := flag.String("only", "abcdef", "variants to run")
 	base := flag.String("dir", os.TempDir(), "directory holding the containerd roots")
 	flag.StringVar(&outDir, "out", "", "directory for unpack.md and unpack.svg (default: docs/bench in the repository)")
+	flag.StringVar(&profileDir, "profile", "", "directory for a CPU profile of containerd during each pull (<variant>-<run>.pprof; not for (f))")
 	flag.Parse()
 	if err := run(*reps, *only, *base); err != nil {
 		fmt.Fprintln(os.Stderr, "benchunpack:", err)
@@ -110,7 +111,11 @@ func measure(work, registry, ref string, v variant) (float64, error) {
 		binary = "containerd-stock"
 	}
 	var editErr error
+	debugSocket := filepath.Join(dir, "debug.sock")
 	c, err := harness.StartContainerd(ctx, harness.Options{Dir: dir, Registry: registry, Binary: binary, Edit: func(cfg map[string]any) {
+		if profileDir != "" {
+			harness.Set(cfg, debugSocket, "debug", "address")
+		}
 		if v.proxy {
 			editErr = harness.UseProxyConfig(cfg, socket, serverRoot)
 		}
@@ -133,9 +138,13 @@ func measure(work, registry, ref string, v variant) (float64, error) {
 			return 0, err
 		}
 	}
+	profile := startProfile(debugSocket, v)
 	start := time.Now()
 	_, err = c.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", v.snapshotter, "--platform", "linux/"+runtime.GOARCH, ref)
 	elapsed := time.Since(start).Seconds()
+	if perr := profile(); err == nil {
+		err = perr
+	}
 	if serr := c.Stop(); err == nil {
 		err = serr
 	}
