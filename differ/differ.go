@@ -156,15 +156,23 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 		defer func() { config.Progress(pr.n) }()
 		r = pr
 	}
+	// External stream processors run under ctx: cancelling it when apply
+	// returns ends one that hangs, so the read ahead in flight returns and
+	// ahead.Close does not wait for it forever.
+	ctx, cancel := context.WithCancel(ctx)
 	tarStream, processors, err := layerStream(ctx, desc.MediaType, r, &config)
 	if err != nil {
+		cancel()
 		return ocispec.Descriptor{}, err
 	}
 	defer func() { _ = tarStream.Close() }()
 
 	digester := digest.Canonical.Digester()
 	ahead := newReadAhead(io.TeeReader(tarStream, digester.Hash()))
-	defer func() { _ = ahead.Close() }()
+	defer func() {
+		cancel()
+		_ = ahead.Close()
+	}()
 	rc := &countReader{r: ahead}
 	if err := layer.Apply(ctx, t.dir, rc, layer.Options{Lowers: t.lowers, Detached: t.detached, StateFile: t.state, Forms: d.forms}); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("apply layer %s to %s: %w", desc.Digest, t.dir, err)

@@ -5,12 +5,13 @@ import (
 	"sync"
 )
 
-// Read-ahead sizes: a few hundred KiB in flight keeps the reading side busy
+// Read-ahead sizes: up to 1 MiB in flight keeps the reading side busy
 // across the pauses of the applying side (a burst of small files) at a
-// memory cost that does not depend on the layer.
+// memory cost that does not depend on the layer. A chunk is what one Read
+// returned (a decompressor returns up to its 32 KiB window per Read).
 const (
-	readAheadChunk = 256 << 10
-	readAheadDepth = 4
+	readAheadChunk = 64 << 10
+	readAheadDepth = 16
 )
 
 // readAhead reads r in its own goroutine, up to readAheadDepth chunks ahead
@@ -59,9 +60,13 @@ func (ra *readAhead) fill(r io.Reader) {
 		case <-ra.stop:
 			return
 		}
-		n, err := io.ReadFull(r, buf)
-		if err == io.ErrUnexpectedEOF {
-			err = io.EOF
+		// One Read, not ReadFull: what a stream has now is passed on now. A
+		// processor that sends the start of a layer and then stalls must
+		// not keep the applier from seeing (and refusing) that start.
+		n, err := r.Read(buf)
+		if n == 0 && err == nil {
+			ra.free <- buf
+			continue
 		}
 		select {
 		case ra.full <- chunk{buf[:n], err}:

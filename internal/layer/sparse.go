@@ -75,12 +75,60 @@ func (t *tarTap) Read(p []byte) (int, error) {
 	t.off += int64(n)
 	if t.recording && n > 0 {
 		if len(t.rec)+n > maxHeaderBytes {
+			t.dropParsed()
+		}
+		if len(t.rec)+n > maxHeaderBytes {
 			t.overflow = true
 		} else {
 			t.rec = append(t.rec, p[:n]...)
 		}
 	}
 	return n, err
+}
+
+// padding is the number of bytes rec starts with that pad the entry
+// before to a whole block.
+func (t *tarTap) padding() int {
+	return int((blockSize - t.recFrom%blockSize) % blockSize)
+}
+
+// dropParsed removes from rec the whole PAX and GNU long-name headers (and
+// their data) at its start, after the padding. The tar reader has parsed
+// them, and the raw bytes a sparse entry needs are its own header and map,
+// which come after them. Without this a run of such headers, each of them
+// replacing the one before and each within archive/tar's 1 MiB, would
+// overflow maxHeaderBytes where containerd reads the entry fine.
+func (t *tarTap) dropParsed() {
+	pad := t.padding()
+	if pad > len(t.rec) {
+		return
+	}
+	blocks := t.rec[pad:]
+	i := 0
+	for i+blockSize <= len(blocks) {
+		n, ok := extensionSize(blocks[i : i+blockSize])
+		if !ok {
+			break
+		}
+		next := int64(i) + blockSize + (n+blockSize-1)/blockSize*blockSize
+		if next > int64(len(blocks)) {
+			break // not read to its end yet
+		}
+		i = int(next)
+	}
+	// The bytes dropped are whole blocks: the padding in front stays right.
+	t.rec = append(t.rec[:pad], blocks[i:]...)
+}
+
+// extensionSize is the data size of b, a header block, if it is a PAX or
+// GNU long-name header.
+func extensionSize(b []byte) (int64, bool) {
+	switch b[156] {
+	case tar.TypeXHeader, tar.TypeGNULongName, tar.TypeGNULongLink:
+		n, err := parseNumeric(b[124:136])
+		return n, err == nil && n >= 0
+	}
+	return 0, false
 }
 
 // readRaw reads data of the current sparse entry straight from the stream.
@@ -196,7 +244,7 @@ func (er *entryReader) sparseEntry(hdr *tar.Header, form int) (*sparseData, erro
 	}
 	// The tar reader read the padding of the previous entry first, then
 	// whole blocks: headers, and for 1.0 the map.
-	pad := int((blockSize - t.recFrom%blockSize) % blockSize)
+	pad := t.padding()
 	if pad > len(t.rec) || (len(t.rec)-pad)%blockSize != 0 {
 		return nil, fmt.Errorf("headers are not whole tar blocks: %w", errdefs.ErrInvalidArgument)
 	}
@@ -422,26 +470,77 @@ func (s *sparseData) Read([]byte) (int, error) { return 0, errSparseRead }
 // writeTo writes the regions at their offsets in f, a new empty file, and
 // gives f its size. The context is checked per chunk of buf.
 func (s *sparseData) writeTo(ctx context.Context, f *os.File, buf []byte) error {
+	g := gather{f: f, buf: buf}
 	for _, r := range s.regions {
 		for done := int64(0); done < r.len; {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			n, err := s.tap.readRaw(buf[:min(int64(len(buf)), r.len-done)])
+			room, err := g.room(r.off + done)
+			if err != nil {
+				return err
+			}
+			n, err := s.tap.readRaw(room[:min(int64(len(room)), r.len-done)])
 			s.left -= int64(n)
 			if err != nil {
 				return fmt.Errorf("read sparse data: %w", err)
 			}
-			dataOps.Add(1)
-			if _, err := f.WriteAt(buf[:n], r.off+done); err != nil {
-				return err
-			}
+			g.n += n
 			done += int64(n)
 		}
+	}
+	if err := g.flush(); err != nil {
+		return err
 	}
 	s.regions = nil
 	dataOps.Add(1)
 	return f.Truncate(s.size)
+}
+
+// fileBlock is the allocation unit gather assumes: 4 KiB, the page size
+// and the block size of ext4, xfs and tmpfs as made by default.
+const fileBlock = 4096
+
+// gather collects the data of regions that share or touch a file block
+// into one write: a map of many tiny regions costs a write per buffer, not
+// per region. The zeros it writes between two regions lie in blocks their
+// data allocates anyway, so no hole is filled.
+type gather struct {
+	f   *os.File
+	buf []byte
+	off int64 // file offset of buf[0]
+	n   int   // bytes gathered in buf
+}
+
+// room returns where the data for file offset at goes: the rest of buf,
+// after the zeros up to at, or all of buf once what was gathered is
+// written because at is too far from it.
+func (g *gather) room(at int64) ([]byte, error) {
+	end := g.off + int64(g.n)
+	gap := at - end
+	touches := at&^(fileBlock-1) <= (end+fileBlock-1)&^(fileBlock-1)
+	if g.n > 0 && (gap < 0 || !touches || gap >= int64(len(g.buf)-g.n)) {
+		if err := g.flush(); err != nil {
+			return nil, err
+		}
+	}
+	if g.n == 0 {
+		g.off, gap = at, 0
+	}
+	clear(g.buf[g.n : g.n+int(gap)])
+	g.n += int(gap)
+	return g.buf[g.n:], nil
+}
+
+// flush writes what was gathered.
+func (g *gather) flush() error {
+	if g.n == 0 {
+		return nil
+	}
+	dataOps.Add(1)
+	_, err := g.f.WriteAt(g.buf[:g.n], g.off)
+	g.n = 0
+	return err
 }
 
 // discard reads the data not yet read.

@@ -802,3 +802,87 @@ func TestSparseRecordsInGlobalHeader(t *testing.T) {
 		}
 	}
 }
+
+// TestSparseAfterManyHeaders: PAX and GNU long-name headers before a
+// sparse entry, each replacing the one before and each within
+// archive/tar's 1 MiB, may add up to more than maxHeaderBytes: the entry
+// applies as containerd applies it.
+func TestSparseAfterManyHeaders(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, form := range sparseForms {
+		t.Run(form, func(t *testing.T) {
+			var data []byte
+			for i := 0; len(data) <= 2*maxHeaderBytes; i++ {
+				typ, body := byte(tar.TypeXHeader), paxRecord("comment", strings.Repeat("c", 900<<10))
+				if i%3 == 2 {
+					typ, body = tar.TypeGNULongName, strings.Repeat("n", 900<<10)
+				}
+				data = append(data, sealHeader(rawHeader("././@Ext", typ, int64(len(body)), false))...)
+				data = append(data, pad512([]byte(body))...)
+			}
+			c := sparseCase{form: form, size: 1 << 20, regions: []dataRegion{{4096, 5}, {1 << 19, 3}}, data: []byte("helloabc")}
+			data = append(data, sparseTarOf(c)...)
+			native := t.TempDir()
+			if _, err := archive.Apply(context.Background(), native, bytes.NewReader(data)); err != nil {
+				t.Fatalf("containerd: %v", err)
+			}
+			layer := filepath.Join(t.TempDir(), "fs")
+			if err := os.Mkdir(layer, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := Apply(context.Background(), layer, bytes.NewReader(data), Options{}); err != nil {
+				t.Fatalf("%d bytes of headers before a sparse entry: %v", len(data), err)
+			}
+			expectSparse(t, filepath.Join(layer, "f"), c)
+			if d := testutil.TreeDiff(tree(t, native), tree(t, layer)); len(d) > 0 {
+				t.Errorf("tree differs from containerd's:\n%s", strings.Join(d, "\n"))
+			}
+		})
+	}
+}
+
+// TestSparseTinyRegionsGathered: regions that share or touch a file block
+// are written together (a map of a few bytes per region costs a write per
+// buffer, not per region); regions a whole block apart are not, so no hole
+// is filled. The tree is containerd's either way.
+func TestSparseTinyRegionsGathered(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, tc := range []struct {
+		name   string
+		stride int64
+		want   int64 // content calls: writes and the truncate
+	}{
+		{"every-2-bytes", 2, 2},
+		{"one-per-block", fileBlock, 9}, // 8 MiB through the 1 MiB buffer
+		{"a-block-apart", 2 * fileBlock, 2001},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := sparseCase{form: form10}
+			for i := int64(0); i < 2000; i++ {
+				c.regions = append(c.regions, dataRegion{i*tc.stride + tc.stride/2, 1})
+				c.data = append(c.data, byte('a'+i%26))
+			}
+			c.size = 2000*tc.stride + 7
+			data := sparseTarOf(c)
+			layer := filepath.Join(t.TempDir(), "fs")
+			if err := os.Mkdir(layer, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			ops0 := dataOps.Load()
+			if err := Apply(context.Background(), layer, bytes.NewReader(data), Options{}); err != nil {
+				t.Fatal(err)
+			}
+			if ops := dataOps.Load() - ops0; ops != tc.want {
+				t.Errorf("%d content calls for 2000 regions %d bytes apart, want %d", ops, tc.stride, tc.want)
+			}
+			expectSparse(t, filepath.Join(layer, "f"), c)
+			native := t.TempDir()
+			if _, err := archive.Apply(context.Background(), native, bytes.NewReader(data)); err != nil {
+				t.Fatalf("containerd: %v", err)
+			}
+			if d := testutil.TreeDiff(tree(t, native), tree(t, layer)); len(d) > 0 {
+				t.Errorf("tree differs from containerd's:\n%s", strings.Join(d, "\n"))
+			}
+		})
+	}
+}
