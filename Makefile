@@ -176,6 +176,20 @@ BENCH_DIR  ?= /dev/shm
 bench-unpack: deps binaries
 	$(GO) run ./integration/cmd/benchunpack -reps $(BENCH_REPS) -dir $(BENCH_DIR)
 
+# The same on an image not made here: host trees (BENCH_TREES), a layer
+# each, archived by GNU tar; written to docs/bench/unpack-trees.md.
+BENCH_TREES ?= /usr/local/go,/usr/include,/usr/share/man,/usr/share/zoneinfo
+.PHONY: bench-unpack-trees
+bench-unpack-trees: deps binaries
+	$(GO) run ./integration/cmd/benchunpack -reps $(BENCH_REPS) -dir $(BENCH_DIR) -trees $(BENCH_TREES)
+
+# Deep paths (issue 19): 8 files at depth 100-800 over a lower as deep,
+# applied by us (sequential, and detached then finished) and by containerd's
+# archive.Apply; time per apply, BENCH_REPS runs of each.
+.PHONY: bench-deep
+bench-deep:
+	$(GO) test ./internal/layer -run '^$$' -bench BenchmarkDeepPaths -benchtime $(BENCH_REPS)x -count 1
+
 # Commit benchmark (issue 11): `ctr snapshots diff` of a container that wrote
 # 3,000 files and changed and deleted lower ones, on a 12,300-file image:
 # fuse-overlayfs with our Compare, with the walking differ, and overlayfs.

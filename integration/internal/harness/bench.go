@@ -20,8 +20,9 @@ type Bench struct {
 
 // StartBench checks the prerequisites (root, bin/ and host packages), makes
 // a work directory in base, builds the benchmark image (images.Bench) as
-// repo and pushes it to a fresh local registry. Close ends it all.
-func StartBench(base, repo string) (*Bench, error) {
+// repo, or with trees an image of those host trees (images.HostTrees), and
+// pushes it to a fresh local registry. Close ends it all.
+func StartBench(base, repo string, trees ...string) (*Bench, error) {
 	if os.Getuid() != 0 {
 		return nil, fmt.Errorf("run as root")
 	}
@@ -33,20 +34,18 @@ func StartBench(base, repo string) (*Bench, error) {
 		return nil, err
 	}
 	b := &Bench{Work: work}
-	if err := b.start(repo); err != nil {
+	if err := b.start(repo, trees); err != nil {
 		b.Close()
 		return nil, err
 	}
 	return b, nil
 }
 
-func (b *Bench) start(repo string) error {
-	probe, err := BuildProbe(b.Work)
+func (b *Bench) start(repo string, trees []string) error {
+	spec, err := b.image(repo, trees)
 	if err != nil {
 		return err
 	}
-	spec, files, size := images.Bench(probe, repo)
-	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
 	if b.Registry, err = StartRegistry(filepath.Join(b.Work, "registry")); err != nil {
 		return err
 	}
@@ -56,6 +55,24 @@ func (b *Bench) start(repo string) error {
 	}
 	fmt.Printf("built and pushed %s in %.1f s\n", b.Ref, time.Since(start).Seconds())
 	return nil
+}
+
+// image is the benchmark image, or with trees the image of those trees.
+func (b *Bench) image(repo string, trees []string) (images.Spec, error) {
+	if len(trees) > 0 {
+		spec, entries, size, err := images.HostTrees(repo, trees)
+		if err == nil {
+			fmt.Printf("image of %s: %d layers, %d entries, %.0f MB of tar\n", strings.Join(trees, " "), len(spec.Tars), entries, float64(size)/1e6)
+		}
+		return spec, err
+	}
+	probe, err := BuildProbe(b.Work)
+	if err != nil {
+		return images.Spec{}, err
+	}
+	spec, files, size := images.Bench(probe, repo)
+	fmt.Printf("image: %d layers, %d files, %.0f MB uncompressed\n", len(spec.Layers), files, float64(size)/1e6)
+	return spec, nil
 }
 
 // Close stops the registry and removes the work directory.

@@ -2,6 +2,8 @@
 // run: layers are tar streams written here, entry by entry, so that each
 // image holds exactly the cases a layer store has to get right (whiteouts,
 // opaque directories, hard links across layers, special files, ...).
+// HostTrees is the exception: layers of this host's own trees, archived by
+// GNU tar, to check benchmark figures on an input not made here.
 package images
 
 import (
@@ -39,6 +41,9 @@ type Spec struct {
 	Tag string
 	// Layers, base first. An empty Layer is a valid (empty) layer.
 	Layers []Layer
+	// Tars are more layers, after Layers, given as tar archives written
+	// elsewhere (HostTrees).
+	Tars [][]byte
 	// Entrypoint and Cmd of the image configuration.
 	Entrypoint, Cmd []string
 }
@@ -57,12 +62,16 @@ var (
 func Build(spec Spec) (v1.Image, error) {
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	var layers []v1.Layer
+	var tars [][]byte
 	for i, l := range spec.Layers {
 		data, err := l.Tar()
 		if err != nil {
 			return nil, fmt.Errorf("%s layer %d: %w", spec.Repo, i, err)
 		}
+		tars = append(tars, data)
+	}
+	var layers []v1.Layer
+	for _, data := range append(tars, spec.Tars...) {
 		layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
 			return io.NopCloser(bytes.NewReader(data)), nil
 		}, tarball.WithMediaType(types.OCILayer))
