@@ -143,24 +143,16 @@ func TestHostileOperations(t *testing.T) {
 // on a read-only filesystem, is refused at open.
 func TestRootOnReadOnlyFilesystem(t *testing.T) {
 	testutil.RequireRoot(t)
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_RDONLY, "size=1m"); err != nil {
-		testutil.Unavailable(t, "cannot mount a read-only tmpfs: %v", err)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	dir := testutil.ReadOnlyTmpfs(t)
 	root := filepath.Join(dir, "root")
 	if _, err := NewSnapshotter(root); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("root on a read-only filesystem: %v, want EROFS", err)
 	}
-	if err := unix.Mount("", dir, "", unix.MS_REMOUNT, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(root, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_RDONLY, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
+	testutil.WhileWritable(t, dir, func() {
+		if err := os.Mkdir(root, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	})
 	if _, err := NewSnapshotter(root); err == nil {
 		t.Fatal("NewSnapshotter accepted a read-only root")
 	}

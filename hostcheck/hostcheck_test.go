@@ -199,25 +199,17 @@ func TestWorst(t *testing.T) {
 
 func TestRootOnReadOnlyFilesystem(t *testing.T) {
 	testutil.RequireFUSE(t)
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_RDONLY, "size=1m"); err != nil {
-		testutil.Unavailable(t, "cannot mount a read-only tmpfs: %v", err)
-	}
-	t.Cleanup(func() { _ = unix.Unmount(dir, unix.MNT_DETACH) })
+	dir := testutil.ReadOnlyTmpfs(t)
 	root := filepath.Join(dir, "root")
 	err := requireErr(root)
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "cannot create the snapshotter root") {
 		t.Fatalf("root on read-only filesystem: %v", err)
 	}
-	if err := unix.Mount("", dir, "", unix.MS_REMOUNT, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(root, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_RDONLY, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
+	testutil.WhileWritable(t, dir, func() {
+		if err := os.Mkdir(root, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	})
 	err = requireErr(root)
 	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "cannot create a probe directory") {
 		t.Fatalf("probe on read-only filesystem: %v", err)

@@ -107,7 +107,7 @@ func (t *tarTap) dropParsed() {
 	i := 0
 	for i+blockSize <= len(blocks) {
 		n, ok := extensionSize(blocks[i : i+blockSize])
-		if !ok {
+		if !ok || n > int64(len(blocks)) {
 			break
 		}
 		next := int64(i) + blockSize + (n+blockSize-1)/blockSize*blockSize

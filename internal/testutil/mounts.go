@@ -98,3 +98,28 @@ func unmountOrFail(t testing.TB, target string) {
 		t.Errorf("unmount %s: %v", target, err)
 	}
 }
+
+// ReadOnlyTmpfs mounts a small read-only tmpfs on a temporary directory
+// and returns it; the cleanup unmounts it. WhileWritable writes into it.
+func ReadOnlyTmpfs(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_RDONLY, "size=1m"); err != nil {
+		Unavailable(t, "cannot mount a read-only tmpfs: %v", err)
+	}
+	t.Cleanup(func() { unmountOrFail(t, dir) })
+	return dir
+}
+
+// WhileWritable remounts the tmpfs at dir (ReadOnlyTmpfs) read-write, runs
+// f, and remounts it read-only.
+func WhileWritable(t testing.TB, dir string, f func()) {
+	t.Helper()
+	if err := unix.Mount("", dir, "", unix.MS_REMOUNT, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	f()
+	if err := unix.Mount("", dir, "", unix.MS_REMOUNT|unix.MS_RDONLY, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+}
