@@ -157,7 +157,8 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 		r = pr
 	}
 	// External stream processors run under ctx: cancelling it when apply
-	// returns ends one that hangs, so the read ahead in flight returns and
+	// returns kills one that hangs, and closing their pipes (a child of
+	// theirs may hold the other end) ends the read ahead in flight, so
 	// ahead.Close does not wait for it forever.
 	ctx, cancel := context.WithCancel(ctx)
 	tarStream, processors, err := layerStream(ctx, desc.MediaType, r, &config)
@@ -171,6 +172,7 @@ func (d *Differ) apply(ctx context.Context, t target, desc ocispec.Descriptor, m
 	ahead := newReadAhead(io.TeeReader(tarStream, digester.Hash()))
 	defer func() {
 		cancel()
+		closePipes(processors)
 		_ = ahead.Close()
 	}()
 	rc := &countReader{r: ahead}
@@ -210,6 +212,17 @@ func layerStream(ctx context.Context, mediaType string, r io.Reader, config *dif
 		processors = append(processors, processor)
 		if processor.MediaType() == ocispec.MediaTypeImageLayer {
 			return processor, processors, nil
+		}
+	}
+}
+
+// closePipes closes the read end of each external processor's output. A
+// Read in flight on it returns (os.File allows Close during Read); the
+// processors' own Close, later, finds it closed.
+func closePipes(processors []diff.StreamProcessor) {
+	for _, p := range processors {
+		if rp, ok := p.(diff.RawProcessor); ok {
+			_ = rp.File().Close()
 		}
 	}
 }

@@ -110,8 +110,8 @@ func (ra *readAhead) next() {
 // Close stops the reading goroutine and waits for it, so that r is no longer
 // read once Close returns (the caller closes r next; closing a decompressor
 // during its Read is a race). It waits for at most the one Read in flight:
-// a local blob returns promptly, and an external stream processor is ended
-// by the apply's context.
+// a local blob returns promptly, and apply ends a Read on an external
+// stream processor first (its context cancelled, its pipe closed).
 func (ra *readAhead) Close() error {
 	select {
 	case <-ra.stop:

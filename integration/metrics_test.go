@@ -6,12 +6,15 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/fosnap/fuseoverlayfs/integration/internal/harness"
 	"github.com/fosnap/fuseoverlayfs/integration/internal/images"
@@ -146,11 +149,17 @@ func metricsScenario(t *testing.T, e *env, addr, logPath, id string) {
 	killed := time.Now()
 	m = waitMetrics(t, addr, "server killed", map[string]func(float64) bool{
 		`containerd_fuse_overlayfs_dead_mounts_found_total{when="running"}`: eq(1),
-		// The dead mount stays counted only until the shim unmounts the
-		// rootfs of the container, whose process may die on ENOTCONN.
+		// The watcher detaches the dead mount, so that the task can be
+		// deleted below however long the kernel's attribute cache has
+		// expired: no mount is left to count.
+		`containerd_fuse_overlayfs_mounts{state="dead"}`: eq(0),
 		`containerd_fuse_overlayfs_mounts{state="live"}`: eq(0),
 		`containerd_fuse_overlayfs_servers`:              eq(0),
 	})
+	rootfs := filepath.Join(e.c.State, "io.containerd.runtime.v2.task", "default", id, "rootfs")
+	if mounted, err := mountinfo.Mounted(rootfs); err != nil || mounted {
+		t.Fatalf("the container's rootfs %s after its server died: mounted %v, %v; want detached", rootfs, mounted, err)
+	}
 	// Logged, not asserted: how soon depends on the machine's load, and
 	// waitMetrics already fails if the watcher never notices.
 	t.Logf("server killed, noticed within %s: %v", time.Since(killed).Round(time.Second), m)

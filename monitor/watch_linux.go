@@ -36,7 +36,7 @@ type watcher struct {
 
 	mu      sync.Mutex
 	servers map[int]*server // by pidfd
-	dead    map[string]bool // mount points found dead, still mounted
+	dead    map[string]bool // mount points found dead that could not be detached
 	done    chan struct{}
 }
 
@@ -263,13 +263,22 @@ func (w *watcher) exited(fd int) bool {
 	if !Disconnected(s.mountpoint) {
 		return true
 	}
-	w.mu.Lock()
-	w.dead[s.mountpoint] = true
-	w.mu.Unlock()
 	defer DeadMountFound(FoundRunning)
-	log.L.WithFields(log.Fields{
-		"mountpoint": s.mountpoint, "snapshot": w.keyOf(s.id), "snapshot-id": s.id, "pid": s.pid,
-	}).Error("fuse-overlayfs server died under a mounted snapshot: every access to the mount fails with ENOTCONN (transport endpoint is not connected); stop the container using it and start it again (containerd then mounts the snapshot anew)")
+	fields := log.Fields{"mountpoint": s.mountpoint, "snapshot": w.keyOf(s.id), "snapshot-id": s.id, "pid": s.pid}
+	// A mount without its server never serves again. Left in place it
+	// also keeps the container from being stopped: once the kernel's
+	// attribute cache expires, the shim's lstat of the rootfs before its
+	// unmount fails with ENOTCONN, on every try. Detached, the mount point
+	// is a plain directory again (processes inside keep the dead mount).
+	if err := unix.Unmount(s.mountpoint, unix.MNT_DETACH); err != nil {
+		w.mu.Lock()
+		w.dead[s.mountpoint] = true
+		w.mu.Unlock()
+		fields["error"] = err
+		log.L.WithFields(fields).Error("fuse-overlayfs server died under a mounted snapshot and its mount could not be detached: every access to it fails with ENOTCONN (transport endpoint is not connected); run `umount -l` on the mount point, then stop the container using it and start it again")
+		return false
+	}
+	log.L.WithFields(fields).Error("fuse-overlayfs server died under a mounted snapshot: its mount was detached, the container on it sees ENOTCONN (transport endpoint is not connected) for every access; stop the container and start it again (containerd then mounts the snapshot anew)")
 	return false
 }
 
