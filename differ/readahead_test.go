@@ -30,7 +30,7 @@ func TestReadAheadSameBytes(t *testing.T) {
 			if !bytes.Equal(got, src) {
 				t.Fatalf("%d bytes, %s: read %d bytes, not the source's", size, name, len(got))
 			}
-			if n, err := ra.Read(make([]byte, 8)); n != 0 || err != io.EOF {
+			if n, err := ra.Read(make([]byte, 8)); n != 0 || !errors.Is(err, io.EOF) {
 				t.Fatalf("%d bytes, %s: read after the end = %d, %v; want 0, EOF", size, name, n, err)
 			}
 			_ = ra.Close()
