@@ -106,11 +106,11 @@ func (t *tarTap) dropParsed() {
 	blocks := t.rec[pad:]
 	i := 0
 	for i+blockSize <= len(blocks) {
-		n, ok := extensionSize(blocks[i : i+blockSize])
-		if !ok || n > int64(len(blocks)) {
+		n, ext, err := extensionSize(blocks[i : i+blockSize])
+		if !ext || err != nil || n > int64(len(blocks)) {
 			break
 		}
-		next := int64(i) + blockSize + (n+blockSize-1)/blockSize*blockSize
+		next := int64(i) + extent(n)
 		if next > int64(len(blocks)) {
 			break // not read to its end yet
 		}
@@ -120,15 +120,24 @@ func (t *tarTap) dropParsed() {
 	t.rec = append(t.rec[:pad], blocks[i:]...)
 }
 
-// extensionSize is the data size of b, a header block, if it is a PAX or
-// GNU long-name header.
-func extensionSize(b []byte) (int64, bool) {
+// extensionSize reports whether b, a header block, is a PAX or GNU
+// long-name header (ext) and then the size of its data.
+func extensionSize(b []byte) (n int64, ext bool, err error) {
 	switch b[156] {
 	case tar.TypeXHeader, tar.TypeGNULongName, tar.TypeGNULongLink:
-		n, err := parseNumeric(b[124:136])
-		return n, err == nil && n >= 0
+		n, err = parseNumeric(b[124:136])
+		if err == nil && n < 0 {
+			err = fmt.Errorf("negative size %d", n)
+		}
+		return n, true, err
 	}
-	return 0, false
+	return 0, false, nil
+}
+
+// extent is the stream length of a header whose data is n bytes: the
+// header block and the data padded to whole blocks.
+func extent(n int64) int64 {
+	return blockSize + (n+blockSize-1)/blockSize*blockSize
 }
 
 // readRaw reads data of the current sparse entry straight from the stream.
@@ -302,16 +311,14 @@ func entryHeaderAt(blocks []byte) (int, error) {
 			return 0, fmt.Errorf("no entry header among the %d header bytes: %w", len(blocks), errdefs.ErrInvalidArgument)
 		}
 		b := blocks[i : i+blockSize]
-		switch b[156] {
-		case tar.TypeXHeader, tar.TypeGNULongName, tar.TypeGNULongLink:
-			n, err := parseNumeric(b[124:136])
-			if err != nil || n < 0 || n > int64(len(blocks)) {
-				return 0, fmt.Errorf("bad size in a %q header: %w", b[156], errdefs.ErrInvalidArgument)
-			}
-			i += blockSize + int((n+blockSize-1)/blockSize*blockSize)
-		default:
+		n, ext, err := extensionSize(b)
+		if !ext {
 			return i, nil
 		}
+		if err != nil || n > int64(len(blocks)) {
+			return 0, fmt.Errorf("bad size in a %q header: %w", b[156], errdefs.ErrInvalidArgument)
+		}
+		i += int(extent(n))
 	}
 }
 
